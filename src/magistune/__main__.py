@@ -1,0 +1,3 @@
+from magistune.cli import main
+
+raise SystemExit(main())

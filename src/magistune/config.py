@@ -1,0 +1,240 @@
+"""The YAML config: one pydantic schema, Axolotl's key names where the concept is the same.
+
+load_config() reads a YAML file and returns a validated `Config`. Errors name the key and the reason;
+unknown keys suggest the closest valid one, and Axolotl keys we do not implement say so (config_compat.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from magistune.config_compat import ACCEPTED_NOOP_KEYS, LATER_ISSUE_KEYS, UNSUPPORTED_AXOLOTL_KEYS
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file, the key and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Strict):
+    """One entry of `datasets:`."""
+
+    path: str
+    type: Literal["chat_template", "mistral", "messages"] = "chat_template"
+    split: str = "train"
+    name: str | None = None  # HF dataset config name
+    data_files: str | list[str] | None = None
+    field_messages: str = "messages"
+    field_tools: str = "tools"
+    max_samples: int | None = Field(default=None, ge=1)  # cap, applied after shuffling with `seed`
+    mix_weight: float = Field(default=1.0, gt=0)  # 2.0 repeats the dataset twice, 0.5 keeps half
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    train_thinking: bool = True
+    train_on_inputs: bool = False
+    excess_length_strategy: Literal["drop", "truncate"] | None = None  # None: the top-level value
+    system_prompt: str | None = None
+
+
+class Config(_Strict):
+    # --- model and tokenizer -------------------------------------------------------------------
+    base_model: str
+    tokenizer_path: str | None = None  # default: <model dir>/tekken.json
+    tokenizer_use_mistral_common: bool = True  # Axolotl's switch; mistral-common is the only tokenizer here
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
+    flash_attention: bool = False  # Axolotl's switch: same as attn_implementation: flash_attention_2
+
+    # --- data ----------------------------------------------------------------------------------
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    sequence_len: int = Field(default=2048, ge=16)
+    excess_length_strategy: Literal["drop", "truncate"] = "drop"
+    val_set_size: float = Field(default=0.0, ge=0)  # < 1: a fraction; >= 1: a number of samples
+    dataset_prepared_path: str | None = None
+    system_prompt: str | None = None
+    system_prompt_file: str | None = None
+    on_bad_record: Literal["error", "skip"] = "error"
+    sample_packing: bool = False
+    eval_sample_packing: bool | None = None
+    pad_to_sequence_len: bool = False
+
+    # --- adapters and precision ----------------------------------------------------------------
+    adapter: Literal["lora", "qlora"] | None = None  # None: full fine-tuning
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    lora_model_dir: str | None = None
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | str | None = None
+    lora_target_linear: bool = False
+    peft_use_dora: bool = False
+    peft_use_rslora: bool = False
+    unfrozen_parameters: list[str] | None = None
+    bf16: bool | Literal["auto"] = "auto"
+    fp16: bool = False
+    tf32: bool = False
+    gradient_checkpointing: bool = False
+
+    # --- optimisation --------------------------------------------------------------------------
+    micro_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    num_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit"] = "adamw_torch"
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    learning_rate: float = Field(default=2e-4, gt=0)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0)
+    seed: int = 42
+
+    # --- loss and throughput (the throughput issue makes these active) -------------------------
+    cut_cross_entropy: bool = False
+    plugins: list[str] | None = None
+
+    # --- evaluation, checkpoints, logging ------------------------------------------------------
+    eval_steps: int | None = Field(default=None, ge=1)
+    evals_per_epoch: int | None = Field(default=None, ge=1)
+    save_steps: int | None = Field(default=None, ge=1)
+    saves_per_epoch: int | None = Field(default=None, ge=1)
+    save_total_limit: int | None = Field(default=None, ge=1)
+    resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
+    logging_steps: int = Field(default=1, ge=1)
+    output_dir: str = "./outputs"
+
+    # Where the config file lives; relative paths resolve against it. Not a YAML key.
+    config_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _regex_compiles(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, str):
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.adapter == "qlora" and not self.load_in_4bit:
+            raise ValueError("adapter: qlora needs load_in_4bit: true")
+        if self.load_in_4bit and self.adapter != "qlora":
+            raise ValueError("load_in_4bit: true needs adapter: qlora (4-bit weights cannot be trained in full)")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive")
+        if self.load_in_8bit:
+            raise ValueError("load_in_8bit is not implemented in magistune: use adapter: qlora with load_in_4bit")
+        if self.fp16:
+            raise ValueError("fp16 is not implemented in magistune: use bf16 (every GPU that runs Magistral has it)")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if self.eval_steps is not None and self.evals_per_epoch is not None:
+            raise ValueError("set eval_steps or evals_per_epoch, not both")
+        if self.save_steps is not None and self.saves_per_epoch is not None:
+            raise ValueError("set save_steps or saves_per_epoch, not both")
+        if self.system_prompt is not None and self.system_prompt_file is not None:
+            raise ValueError("set system_prompt or system_prompt_file, not both")
+        if self.unfrozen_parameters and self.adapter:
+            raise ValueError("unfrozen_parameters limits a full fine-tune; remove it or remove adapter")
+        if self.resume_from_checkpoint == "":
+            self.resume_from_checkpoint = None
+        return self
+
+    # --- derived values ------------------------------------------------------------------------
+    def resolve(self, path: str | None) -> Path | None:
+        """A path from the config, relative to the config file's folder."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.config_dir / p)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.resolve(self.output_dir)  # type: ignore[return-value]
+
+    @property
+    def prepared_dir(self) -> Path:
+        if self.dataset_prepared_path:
+            return self.resolve(self.dataset_prepared_path)  # type: ignore[return-value]
+        return self.out_dir / "prepared"
+
+    @property
+    def use_cce(self) -> bool:
+        return self.cut_cross_entropy or any("CutCrossEntropy" in p for p in self.plugins or [])
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _check_keys(raw: dict[str, Any], model: type[BaseModel], where: str, notes: list[str]) -> list[str]:
+    """Unknown, unsupported and no-op keys, before pydantic sees them. Returns error lines."""
+    errors = []
+    valid = [k for k in model.model_fields if k != "config_dir"]
+    for key in list(raw):
+        value = raw[key]
+        empty = value in (None, "", False, [], {})
+        if key in valid:
+            continue
+        if key in ACCEPTED_NOOP_KEYS or (key in UNSUPPORTED_AXOLOTL_KEYS and empty):
+            notes.append(f"{where}{key}: ignored ({ACCEPTED_NOOP_KEYS.get(key, 'empty')})")
+            raw.pop(key)
+        elif key in UNSUPPORTED_AXOLOTL_KEYS:
+            errors.append(f"{where}{key}: Axolotl's key is not implemented in magistune: {UNSUPPORTED_AXOLOTL_KEYS[key]}")
+        else:
+            errors.append(f"{where}{key}: unknown key{_closest(key, valid)}")
+    return errors
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path | None = None) -> tuple[Config, list[str]]:
+    """Validate a config dict. Returns the config and notes (ignored keys, features not active yet)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping of keys to values")
+    raw = dict(raw)
+    notes: list[str] = []
+    errors = _check_keys(raw, Config, "", notes)
+    datasets = raw.get("datasets")
+    if isinstance(datasets, list):
+        raw["datasets"] = datasets = [dict(d) if isinstance(d, dict) else d for d in datasets]
+        for i, d in enumerate(datasets):
+            if isinstance(d, dict):
+                errors += _check_keys(d, DatasetConfig, f"datasets[{i}].", notes)
+    if errors:
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(errors))
+    try:
+        cfg = Config(**raw, config_dir=config_dir or Path("."))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(config)"
+            lines.append(f"{key}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
+    for key, issue in LATER_ISSUE_KEYS.items():
+        if getattr(cfg, key, None):
+            notes.append(f"{key}: accepted, not active yet ({issue})")
+    if cfg.use_cce and not cfg.cut_cross_entropy:
+        notes.append("plugins: Cut Cross Entropy accepted, not active yet (throughput issue)")
+    return cfg, notes
+
+
+def load_config(path: str | Path) -> tuple[Config, list[str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(raw or {}, source=str(path), config_dir=path.resolve().parent)

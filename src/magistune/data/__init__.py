@@ -1,0 +1,1 @@
+"""The data pipeline: sources → records → encode (ids + labels) → samples, with a cache."""

@@ -1,0 +1,28 @@
+"""One tokenised training sample: what the data pipeline hands to the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100  # the label of every token that is not trained
+
+
+@dataclass
+class Sample:
+    """`input_ids` equal mistral-common's `encode_chat_completion`; `labels` are aligned with them (the model
+    shifts): the token id where the token is trained, IGNORE_INDEX elsewhere. `source` is `file:line`."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+    images: list = field(default_factory=list)  # per-image pixel arrays (vision issue)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "input_ids": self.input_ids, "labels": self.labels}

@@ -1,0 +1,141 @@
+"""Loading mistral-common tokenizers, and the embedded `tiny-random` v13 Tekken tokenizer.
+
+Every special-token id is read from the tokenizer (`SpecialIds`), never hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import mistral_common
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.base import SpecialTokens
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+# The 20 control tokens of the legacy Tekken files, in rank order, then fillers and the v11/v13 additions.
+_LEGACY_CONTROL = [
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+]
+TINY_SPECIAL_TOKENS = _LEGACY_CONTROL + [f"<SPECIAL_{i}>" for i in range(20, 32)] + ["[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]"]
+# Magistral Small 2509's image settings: 14-pixel patches, 2x2 spatial merge, images up to 1540 pixels.
+TINY_IMAGE_CONFIG = {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2}
+TINY_SOURCE = "tekken_240911.json"  # shipped inside the mistral-common wheel
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used: the message names the path and the reason."""
+
+
+def shipped_tokenizer_file(name: str) -> Path:
+    """A tokenizer file from mistral-common's own `data/` folder (tests use these)."""
+    return Path(mistral_common.__file__).parent / "data" / name
+
+
+def tiny_tekken_json() -> dict:
+    """The v13 Tekken tokenizer of `tiny-random`, derived from the file the mistral-common wheel ships."""
+    data = json.loads(shipped_tokenizer_file(TINY_SOURCE).read_text(encoding="utf-8"))
+    data["config"]["version"] = "v13"
+    data["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(TINY_SPECIAL_TOKENS)]
+    data["image"] = dict(TINY_IMAGE_CONFIG)
+    return data
+
+
+def write_tiny_tekken(path: Path) -> Path:
+    """Write the tiny-random tokenizer file to `path` (once; it is deterministic)."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(tiny_tekken_json()), encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "magistune"
+
+
+def tiny_tokenizer_path() -> Path:
+    return write_tiny_tekken(default_cache_dir() / "tiny-random" / "tekken.json")
+
+
+def load_tokenizer(path: str | Path) -> MistralTokenizer:
+    """A mistral-common tokenizer in fine-tuning validation mode (conversations end with the assistant)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: tokenizer file not found")
+    try:
+        return MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+    except Exception as e:  # mistral-common raises ValueError, AssertionError, KeyError … on bad files
+        raise TokenizerError(f"{path}: not a mistral-common tokenizer file ({type(e).__name__}: {e})") from None
+
+
+def find_tokenizer_file(model_dir: Path) -> Path:
+    """`tekken.json` in a model folder, else the newest SentencePiece `tokenizer.model.v*`."""
+    tekken = model_dir / "tekken.json"
+    if tekken.is_file():
+        return tekken
+    sp = sorted(model_dir.glob("tokenizer.model.v*"))
+    if sp:
+        return sp[-1]
+    raise TokenizerError(f"{model_dir}: no tekken.json or tokenizer.model.v* found; set tokenizer_path")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids the data pipeline needs, read from the tokenizer itself."""
+
+    bos: int
+    eos: int
+    pad: int
+    begin_think: int | None
+    end_think: int | None
+    img: int | None
+    img_break: int | None
+    img_end: int | None
+
+    @classmethod
+    def of(cls, tok: MistralTokenizer) -> "SpecialIds":
+        raw = tok.instruct_tokenizer.tokenizer
+
+        def get(token: SpecialTokens) -> int | None:
+            try:
+                return raw.get_special_token(token.value)
+            except Exception:
+                return None
+
+        return cls(
+            bos=raw.bos_id,
+            eos=raw.eos_id,
+            pad=raw.pad_id,
+            begin_think=get(SpecialTokens.begin_think),
+            end_think=get(SpecialTokens.end_think),
+            img=get(SpecialTokens.img),
+            img_break=get(SpecialTokens.img_break),
+            img_end=get(SpecialTokens.img_end),
+        )
+
+    @property
+    def has_think(self) -> bool:
+        return self.begin_think is not None and self.end_think is not None
+
+
+def tokenizer_version(tok: MistralTokenizer) -> str:
+    return str(tok.instruct_tokenizer.tokenizer.version.value)
+
+
+def vocab_size(tok: MistralTokenizer) -> int:
+    return tok.instruct_tokenizer.tokenizer.n_words
