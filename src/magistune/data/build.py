@@ -1,0 +1,214 @@
+"""The data pipeline end to end: every dataset → records → samples, the policies, the split, the cache.
+
+    prepare_data(cfg)   → PreparedData (train/eval samples), from the cache when nothing changed
+    validate_data(cfg)  → prints the report; exit code 1 if any record is bad
+    preprocess(cfg)     → fills the cache; --dump writes the kept samples as JSON lines
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from magistune.config import Config, ConfigError, DatasetConfig
+from magistune.data.encode import ConversationEncoder, LabelOptions
+from magistune.data.records import RecordError, RecordOptions, parse_record
+from magistune.data.report import DataReport, Rejected, format_report
+from magistune.data.sample import Sample
+from magistune.data.sources import BadLine, SourceError, iter_records, open_source
+from magistune.tokenizer import find_tokenizer_file, load_tokenizer, tiny_tokenizer_path
+
+TINY_MODELS = ("tiny-random", "tiny-random-vision")
+
+
+class DataError(ValueError):
+    """Bad records under on_bad_record: error, or a dataset that cannot be read. The message lists them all."""
+
+
+@dataclass
+class PreparedData:
+    train: list[Sample]
+    eval: list[Sample]
+    tokenizer_file: Path
+    report: DataReport
+    from_cache: bool = False
+
+
+def resolve_tokenizer_file(cfg: Config) -> Path:
+    """tokenizer_path if set, else the model's own tekken.json (or tokenizer.model.v*)."""
+    if cfg.tokenizer_path:
+        path = cfg.resolve(cfg.tokenizer_path)
+        if not path.is_file():
+            raise ConfigError(f"tokenizer_path: {path} not found")
+        return path
+    if cfg.base_model in TINY_MODELS:
+        return tiny_tokenizer_path()
+    local = cfg.resolve(cfg.base_model)
+    if local is not None and local.is_dir():
+        return find_tokenizer_file(local)
+    from magistune.model.load import resolve_model_dir  # a hub id: the local Hugging Face cache
+
+    return find_tokenizer_file(resolve_model_dir(cfg.base_model))
+
+
+def system_prompt_for(ds: DatasetConfig, cfg: Config) -> str | None:
+    if ds.system_prompt is not None:
+        return ds.system_prompt
+    if cfg.system_prompt_file:
+        path = cfg.resolve(cfg.system_prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"system_prompt_file: {path} not found")
+        return path.read_text(encoding="utf-8").strip()
+    return cfg.system_prompt
+
+
+def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, rep: DataReport,
+                    progress: bool) -> list[Sample]:
+    """Every record of one dataset: bad ones go to rep.rejected, long ones follow the length policy."""
+    opts = RecordOptions(ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on)
+    labels_opts = LabelOptions(train_thinking=ds.train_thinking, train_on_inputs=ds.train_on_inputs)
+    policy = ds.excess_length_strategy or cfg.excess_length_strategy
+    limit = cfg.sequence_len
+    try:
+        src = open_source(ds, cfg)
+        records = iter_records(src)
+        samples: list[Sample] = []
+        for where, record in tqdm(records, desc=f"tokenising {ds.path}", unit=" rec", disable=not progress, file=sys.stderr):
+            rep.records += 1
+            if isinstance(record, BadLine):
+                rep.rejected.append(Rejected(where, record.reason, record.message))
+                continue
+            try:
+                ids, labels, images = encoder.encode(parse_record(record, opts), labels_opts)
+                if all(t == -100 for t in labels):
+                    raise RecordError("no_trained_tokens", "no token is trained (every assistant message has weight 0 or train: false)")
+            except RecordError as e:
+                rep.rejected.append(Rejected(where, e.reason, e.message, record))
+                continue
+            rep.valid += 1
+            rep.lengths.append(len(ids))
+            if len(ids) > limit:
+                if policy == "drop":
+                    rep.dropped.append(Rejected(where, "too_long", f"{len(ids)} tokens > sequence_len {limit}"))
+                    continue
+                ids, labels = ids[:limit], labels[:limit]
+                if all(t == -100 for t in labels):
+                    rep.dropped.append(Rejected(where, "untrained_after_truncation", f"no trained token in the first {limit} tokens"))
+                    continue
+                rep.truncated += 1
+            samples.append(Sample(ids, labels, where, images))
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    return _cap_and_mix(samples, ds, cfg.seed)
+
+
+def _cap_and_mix(samples: list[Sample], ds: DatasetConfig, seed: int) -> list[Sample]:
+    """max_samples caps, mix_weight repeats (2.0 = twice) or subsamples (0.5 = half); both seeded."""
+    rng = random.Random(f"{seed}:{ds.path}")
+    if ds.max_samples is not None and len(samples) > ds.max_samples:
+        samples = rng.sample(samples, ds.max_samples)
+    if ds.mix_weight != 1.0:
+        whole, frac = int(ds.mix_weight), ds.mix_weight - int(ds.mix_weight)
+        samples = samples * whole + rng.sample(samples, round(frac * len(samples)))
+    return samples
+
+
+def encode_all(cfg: Config, progress: bool = True) -> tuple[list[Sample], DataReport, Path]:
+    tok_file = resolve_tokenizer_file(cfg)
+    encoder = ConversationEncoder(load_tokenizer(tok_file))
+    rep = DataReport()
+    samples: list[Sample] = []
+    for ds in cfg.datasets:
+        samples.extend(_encode_dataset(ds, cfg, encoder, rep, progress))
+    return samples, rep, tok_file
+
+
+def split_samples(samples: list[Sample], cfg: Config) -> tuple[list[Sample], list[Sample]]:
+    """Seeded shuffle, then val_set_size (a fraction if < 1, a count otherwise) goes to eval."""
+    order = list(range(len(samples)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = round(cfg.val_set_size * len(samples)) if cfg.val_set_size < 1 else int(cfg.val_set_size)
+    if cfg.val_set_size > 0 and len(samples) > 1:
+        n_eval = min(max(n_eval, 1), len(samples) - 1)
+    else:
+        n_eval = 0
+    return [samples[i] for i in order[n_eval:]], [samples[i] for i in order[:n_eval]]
+
+
+def _split_and_count(samples: list[Sample], cfg: Config, rep: DataReport) -> tuple[list[Sample], list[Sample]]:
+    train, eval_ = split_samples(samples, cfg)
+    rep.kept, rep.train_samples, rep.eval_samples = len(samples), len(train), len(eval_)
+    rep.tokens_total = sum(len(s) for s in samples)
+    rep.tokens_trained = sum(s.n_trained for s in samples)
+    return train, eval_
+
+
+def _apply_bad_record_policy(cfg: Config, rep: DataReport) -> None:
+    if not rep.rejected:
+        return
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(rep.reject_counts().items()))
+    if cfg.on_bad_record == "error":
+        lines = [f"  {r.source}: {r.reason}: {r.message}" for r in rep.rejected]
+        raise DataError(f"{len(rep.rejected)} bad record(s) ({counts}); fix them or set on_bad_record: skip\n" + "\n".join(lines))
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    rejects = cfg.out_dir / "rejects.jsonl"
+    with open(rejects, "w", encoding="utf-8") as f:
+        for r in rep.rejected:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")
+    print(f"skipped {len(rep.rejected)} bad record(s) ({counts}); details in {rejects}", file=sys.stderr)
+
+
+def build_data(cfg: Config, progress: bool = True) -> PreparedData:
+    samples, rep, tok_file = encode_all(cfg, progress)
+    _apply_bad_record_policy(cfg, rep)
+    if not samples:
+        raise DataError("no sample is left to train on:\n" + format_report(rep, cfg.sequence_len))
+    train, eval_ = _split_and_count(samples, cfg, rep)
+    return PreparedData(train, eval_, tok_file, rep)
+
+
+def prepare_data(cfg: Config, progress: bool = True) -> PreparedData:
+    """The samples for training: from the cache when config, data and tokenizer are unchanged."""
+    from magistune.data.cache import cache_key, load_cached, save_cached
+
+    key = cache_key(cfg, resolve_tokenizer_file(cfg))
+    cached = load_cached(cfg.prepared_dir, key)
+    if cached is not None:
+        if cached.report.rejected:
+            _apply_bad_record_policy(cfg, cached.report)
+        return cached
+    data = build_data(cfg, progress)
+    save_cached(cfg.prepared_dir, key, data)
+    return data
+
+
+def validate_data(cfg: Config) -> int:
+    try:
+        samples, rep, _ = encode_all(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _split_and_count(samples, cfg, rep)
+    print(format_report(rep, cfg.sequence_len))
+    return 1 if rep.rejected else 0
+
+
+def preprocess(cfg: Config, dump: str | None = None) -> int:
+    try:
+        data = prepare_data(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_report(data.report, cfg.sequence_len))
+    print(f"cache: {cfg.prepared_dir} ({'reused' if data.from_cache else 'written'})")
+    if dump:
+        with open(dump, "w", encoding="utf-8") as f:
+            for s in data.train + data.eval:
+                f.write(json.dumps(s.to_json()) + "\n")
+        print(f"dumped {len(data.train) + len(data.eval)} samples to {dump}")
+    return 0

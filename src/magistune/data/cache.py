@@ -1,0 +1,91 @@
+"""The preprocessing cache: tokenised samples under `dataset_prepared_path` (or `output_dir/prepared`).
+
+The key hashes everything that changes the samples: the data options of the config, the tokenizer file's
+bytes, every dataset's contents and the encoder's version. Same key → reuse; any change → a new folder.
+Layout of one entry (`<prepared>/<key[:16]>/`), written to a temporary folder and renamed when complete:
+    tokens.npz    input_ids and labels as flat int32 arrays + offsets (4 + 4 bytes a token)
+    samples.json  source (file:line) and split of every sample, the report, the tokenizer path
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from magistune import __version__
+from magistune.config import Config
+from magistune.data.report import DataReport
+from magistune.data.sample import Sample
+from magistune.data.sources import SourceError, open_source, source_fingerprint
+from magistune.tokenizer import file_digest
+
+ENCODER_VERSION = 1  # bump when the encoding or labelling logic changes
+_DATA_KEYS = ("datasets", "sequence_len", "excess_length_strategy", "val_set_size", "system_prompt", "seed",
+              "base_model", "tokenizer_path")
+
+
+def cache_key(cfg: Config, tokenizer_file: Path) -> str:
+    from magistune.data.build import DataError, system_prompt_for
+
+    h = hashlib.sha256()
+    h.update(f"magistune {__version__} encoder {ENCODER_VERSION}\n".encode())
+    h.update(json.dumps(cfg.model_dump(include=set(_DATA_KEYS), mode="json"), sort_keys=True).encode())
+    h.update(file_digest(tokenizer_file).encode())
+    for ds in cfg.datasets:
+        h.update((system_prompt_for(ds, cfg) or "").encode())
+        try:
+            h.update(source_fingerprint(open_source(ds, cfg)).encode())
+        except SourceError as e:
+            raise DataError(str(e)) from None
+    return h.hexdigest()
+
+
+def _entry(root: Path, key: str) -> Path:
+    return root / key[:16]
+
+
+def save_cached(root: Path, key: str, data) -> Path:
+    """Write atomically: a temporary folder renamed into place, so a crash never leaves half an entry."""
+    final = _entry(root, key)
+    tmp = root / f".{key[:16]}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    samples = data.train + data.eval
+    lengths = np.array([len(s) for s in samples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = lambda attr: np.fromiter((t for s in samples for t in getattr(s, attr)), dtype=np.int32, count=int(offsets[-1]))  # noqa: E731
+    np.savez(tmp / "tokens.npz", input_ids=flat("input_ids"), labels=flat("labels"), offsets=offsets)
+    meta = {
+        "key": key,
+        "tokenizer_file": str(data.tokenizer_file),
+        "sources": [s.source for s in samples],
+        "n_train": len(data.train),
+        "report": data.report.to_json(),
+    }
+    (tmp / "samples.json").write_text(json.dumps(meta), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_cached(root: Path, key: str):
+    from magistune.data.build import PreparedData
+
+    entry = _entry(root, key)
+    meta_file, tokens_file = entry / "samples.json", entry / "tokens.npz"
+    if not (meta_file.is_file() and tokens_file.is_file()):
+        return None
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta.get("key") != key:
+        return None
+    arrays = np.load(tokens_file)
+    ids, labels, offsets = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
+    samples = [Sample(ids[a:b], labels[a:b], src) for a, b, src in zip(offsets[:-1], offsets[1:], meta["sources"])]
+    n = meta["n_train"]
+    return PreparedData(samples[:n], samples[n:], Path(meta["tokenizer_file"]), DataReport.from_json(meta["report"]), from_cache=True)

@@ -1,0 +1,127 @@
+"""Conversation → (input_ids, labels) in one pass, with mistral-common's own per-message encoders.
+
+This is the loop that `InstructTokenizer.encode_instruct` runs (validate → normalise → encode each message →
+prepend BOS), so the ids equal `MistralTokenizer.encode_chat_completion` exactly, but we also learn which
+tokens belong to which message. No prefix is ever re-encoded: each token is produced once.
+
+Labels are aligned with input_ids (the model shifts): the id where the token is trained, IGNORE_INDEX
+elsewhere. A trained assistant message trains all of its tokens — thinking, text, tool calls and the closing
+`</s>` — so the model learns to stop. BOS, [INST]…[/INST], system prompts, tools and tool results are masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mistral_common.protocol.instruct.chunk import ThinkChunk
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from magistune.data.records import Conversation, RecordError
+from magistune.data.sample import IGNORE_INDEX
+from magistune.tokenizer import SpecialIds
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    train_thinking: bool = True  # False masks [THINK]…[/THINK] but still trains the answer
+    train_on_inputs: bool = False  # True trains every token but BOS
+
+
+def assistant_run_weights(conv: Conversation) -> list[int]:
+    """One weight per assistant message *after* mistral-common's normaliser, which merges consecutive
+    messages of equal role and weight. Runs of consecutive equal-weight assistant messages become one."""
+    runs: list[int] = []
+    prev_role, prev_weight = None, None
+    k = 0
+    for m in conv.request.messages:
+        weight = None
+        if isinstance(m, AssistantMessage):
+            weight = conv.weights[k]
+            k += 1
+            if not (prev_role == "assistant" and prev_weight == weight):
+                runs.append(weight)
+        prev_role, prev_weight = m.role, weight
+    return runs
+
+
+class ConversationEncoder:
+    def __init__(self, tokenizer: MistralTokenizer):
+        self.tokenizer = tokenizer
+        self.instruct = tokenizer.instruct_tokenizer
+        self.ids = SpecialIds.of(tokenizer)
+        # mistral-common's own validator (fine-tuning mode) and normaliser for this tokenizer version.
+        self._validator = tokenizer._chat_completion_request_validator
+        self._normalizer = tokenizer._instruct_request_normalizer
+
+    def encode(self, conv: Conversation, opts: LabelOptions = LabelOptions()) -> tuple[list[int], list[int], list]:
+        """Returns (input_ids, labels, images). Raises RecordError when mistral-common rejects the conversation."""
+        it = self.instruct
+        try:
+            request = self._normalizer.from_chat_completion_request(self._validator.validate_request(conv.request))
+            it.validate_messages(request.messages)
+            if hasattr(it, "_validate_tool_results"):  # v2+ run this check inside encode_instruct
+                it._validate_tool_results(request=request)
+        except Exception as e:
+            raise RecordError("rejected_by_mistral_common", f"mistral-common rejected the conversation: {_short(e)}") from None
+
+        run_weights = iter(assistant_run_weights(conv))
+        first_user, last_user = it.find_first_last_user(request)
+        input_ids: list[int] = list(it.start())
+        labels: list[int] = [IGNORE_INDEX] * len(input_ids)
+        images: list = []
+        try:
+            for idx, msg in enumerate(request.messages):
+                trained = False
+                if isinstance(msg, UserMessage):
+                    tokens, new_images, _ = it.encode_user_message(
+                        msg, request.available_tools, idx == last_user, idx == first_user,
+                        system_prompt=request.system_prompt, force_img_first=True, settings=request.settings,
+                    )
+                    images.extend(new_images)
+                elif isinstance(msg, ToolMessage):
+                    tokens, new_images, _ = it.encode_tool_message(msg, idx < last_user)
+                    images.extend(new_images)
+                elif isinstance(msg, AssistantMessage):
+                    tokens = it.encode_assistant_message(message=msg, is_before_last_user_message=idx < last_user)
+                    trained = next(run_weights) == 1
+                elif isinstance(msg, SystemMessage):
+                    tokens, _ = it.encode_system_message(msg)
+                else:
+                    raise RecordError("invalid_format", f"unknown message type {type(msg).__name__}")
+                input_ids.extend(tokens)
+                if trained:
+                    labels.extend(self._assistant_labels(tokens, msg, opts))
+                else:
+                    labels.extend([IGNORE_INDEX] * len(tokens))
+        except RecordError:
+            raise
+        except Exception as e:  # assertions and TokenizerExceptions from the per-message encoders
+            raise RecordError("rejected_by_mistral_common", f"mistral-common could not encode it: {_short(e)}") from None
+
+        if opts.train_on_inputs:
+            labels = [IGNORE_INDEX] + input_ids[1:]
+        return input_ids, labels, images
+
+    def _assistant_labels(self, tokens: list[int], msg: AssistantMessage, opts: LabelOptions) -> list[int]:
+        labels = list(tokens)
+        if opts.train_thinking or self.ids.begin_think is None:
+            return labels
+        # Mask each [THINK] … [/THINK] span, delimiters included. Text never encodes to a control id, so
+        # the ids themselves mark the spans. An unclosed chunk has no [/THINK]: its length comes from its text.
+        chunks = [c for c in msg.content if isinstance(c, ThinkChunk)] if isinstance(msg.content, list) else []
+        pos, n = 0, len(tokens)
+        for chunk in chunks:
+            start = tokens.index(self.ids.begin_think, pos)
+            if chunk.closed:
+                end = tokens.index(self.ids.end_think, start) + 1
+            else:
+                end = start + 1 + len(self.instruct.tokenizer.encode(chunk.thinking, bos=False, eos=False))
+            labels[start:end] = [IGNORE_INDEX] * (end - start)
+            pos = min(end, n)
+        return labels
+
+
+def _short(e: Exception) -> str:
+    text = (str(e) or type(e).__name__).strip().replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."

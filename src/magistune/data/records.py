@@ -1,0 +1,180 @@
+"""One OpenAI-messages record → a mistral-common `ChatCompletionRequest` plus per-assistant-message weights.
+
+We check what mistral-common would either reject with an unhelpful assertion or accept silently
+(weights, tool-call ids, thinking on a tokenizer without [THINK], a last turn not from the assistant),
+then let `ChatCompletionRequest.from_openai` do the conversion: the format is theirs, not re-implemented.
+Every failure is a `RecordError` with a short reason code (for the report) and a message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mistral_common.protocol.instruct.messages import AssistantMessage, FinetuningAssistantMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+ROLES = ("system", "user", "assistant", "tool")
+TEXT_PARTS = ("text", "thinking")
+IMAGE_PARTS = ("image", "image_url", "input_image")
+EXTRA_KEYS = ("weight", "train")  # ours (mistral-finetune's `weight`, Axolotl-style `train`), read before conversion
+
+
+class RecordError(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class Conversation:
+    request: ChatCompletionRequest
+    weights: list[int]  # one 0/1 per assistant message, in order
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    field_messages: str = "messages"
+    field_tools: str = "tools"
+    system_prompt: str | None = None
+    supports_thinking: bool = True
+    train_on: str = "all_assistant"
+
+
+def _drop_nones(d: dict) -> dict:
+    # Parquet and hub rows fill absent struct keys with None: treat None as absent.
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _check_parts(i: int, role: str, content: Any, opts: RecordOptions) -> None:
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise RecordError("wrong_type", f"messages[{i}].content must be a string or a list of parts, got {type(content).__name__}")
+    for j, part in enumerate(content):
+        where = f"messages[{i}].content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise RecordError("wrong_type", f"{where} must be an object with a string 'type'")
+        kind = part["type"]
+        if kind in IMAGE_PARTS:
+            raise RecordError("image_unsupported", f"{where}: images are not supported yet (the vision issue adds them)")
+        if kind not in TEXT_PARTS:
+            raise RecordError("unknown_part_type", f"{where}: unknown part type '{kind}' (expected one of {', '.join(TEXT_PARTS)})")
+        field = "text" if kind == "text" else "thinking"
+        if not isinstance(part.get(field), str):
+            raise RecordError("wrong_type", f"{where}: a '{kind}' part needs a string '{field}'")
+        if kind == "thinking":
+            if not opts.supports_thinking:
+                raise RecordError("thinking_unsupported", f"{where}: thinking part, but the tokenizer has no [THINK] token (needs v13)")
+            if "closed" in part and not isinstance(part["closed"], bool):
+                raise RecordError("wrong_type", f"{where}: 'closed' must be true or false")
+
+
+def _check_tool_calls(i: int, calls: Any) -> None:
+    if not isinstance(calls, list):
+        raise RecordError("wrong_type", f"messages[{i}].tool_calls must be a list")
+    for j, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise RecordError("wrong_type", f"{where} must be an object with a 'function' object")
+        if not isinstance(call.get("id"), str) or not call["id"] or call["id"] == "null":
+            raise RecordError("tool_call_without_id", f"{where} has no 'id'")
+        fn = call["function"]
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RecordError("wrong_type", f"{where}.function has no 'name'")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                json.loads(args)
+            except json.JSONDecodeError as e:
+                raise RecordError("bad_tool_arguments", f"{where}.function.arguments is not valid JSON: {e}") from None
+        elif not isinstance(args, dict):
+            raise RecordError("bad_tool_arguments", f"{where}.function.arguments must be a JSON string or an object")
+
+
+def _message_weight(i: int, msg: dict) -> int | None:
+    weight, train = msg.get("weight"), msg.get("train")
+    if weight is not None:
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise RecordError("bad_weight", f"messages[{i}].weight must be 0 or 1, got {weight!r}")
+        weight = int(weight)
+    if train is not None:
+        if not isinstance(train, bool):
+            raise RecordError("bad_weight", f"messages[{i}].train must be true or false, got {train!r}")
+        if weight is not None and weight != int(train):
+            raise RecordError("bad_weight", f"messages[{i}]: weight {weight} contradicts train {train}")
+        weight = int(train)
+    if weight is not None and msg.get("role") != "assistant":
+        raise RecordError("bad_weight", f"messages[{i}]: weight/train is only meaningful on assistant messages")
+    return weight
+
+
+def parse_record(record: Any, opts: RecordOptions) -> Conversation:
+    """Validate one record and convert it with mistral-common. Raises RecordError."""
+    if not isinstance(record, dict):
+        raise RecordError("wrong_type", f"a record must be a JSON object, got {type(record).__name__}")
+    messages = record.get(opts.field_messages)
+    if messages is None:
+        raise RecordError("no_messages", f"no '{opts.field_messages}' field")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("no_messages", f"'{opts.field_messages}' must be a non-empty list")
+    tools = record.get(opts.field_tools)
+    if tools is not None and not isinstance(tools, list):
+        raise RecordError("wrong_type", f"'{opts.field_tools}' must be a list of tools")
+
+    clean: list[dict] = []
+    weights: list[int] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise RecordError("wrong_type", f"messages[{i}] must be an object")
+        msg = _drop_nones(msg)
+        role = msg.get("role")
+        if role not in ROLES:
+            raise RecordError("unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+        _check_parts(i, role, msg.get("content"), opts)
+        weight = _message_weight(i, msg)
+        if role == "assistant":
+            if "tool_calls" in msg:
+                _check_tool_calls(i, msg["tool_calls"])
+            reasoning = msg.get("reasoning_content", msg.get("reasoning"))
+            if reasoning is not None:
+                if not isinstance(reasoning, str):
+                    raise RecordError("wrong_type", f"messages[{i}].reasoning_content must be a string")
+                if not opts.supports_thinking:
+                    raise RecordError("thinking_unsupported", f"messages[{i}] has reasoning_content, but the tokenizer has no [THINK] token (needs v13)")
+            if not msg.get("content") and not msg.get("tool_calls") and not reasoning:
+                raise RecordError("empty_assistant", f"messages[{i}]: an assistant message needs content, reasoning or tool_calls")
+            weights.append(1 if weight is None else weight)
+        elif role == "tool" and not (isinstance(msg.get("tool_call_id"), str) and msg["tool_call_id"]):
+            raise RecordError("tool_message_without_id", f"messages[{i}]: a tool message needs a 'tool_call_id'")
+        elif role in ("system", "user", "tool") and not isinstance(msg.get("content", ""), (str, list)):
+            raise RecordError("wrong_type", f"messages[{i}].content must be a string or a list of parts")
+        clean.append({k: v for k, v in msg.items() if k not in EXTRA_KEYS})
+
+    if clean[-1]["role"] != "assistant":
+        raise RecordError("last_not_assistant", f"the last message is from '{clean[-1]['role']}'; a training conversation ends with the assistant")
+    if opts.system_prompt is not None and not any(m["role"] == "system" for m in clean):
+        clean.insert(0, {"role": "system", "content": opts.system_prompt})
+    if opts.train_on == "last_assistant":
+        weights = [0] * (len(weights) - 1) + [weights[-1]]
+
+    try:
+        request = ChatCompletionRequest.from_openai(clean, tools=tools)
+    except Exception as e:  # pydantic ValidationError, ValueError, … from mistral-common
+        raise RecordError("invalid_format", f"mistral-common rejected the record: {_short(e)}") from None
+
+    # Carry the weights on the messages so that mistral-common's normaliser never merges a trained assistant
+    # message with an untrained neighbour (it merges consecutive messages of equal role *and* weight).
+    k = 0
+    for j, m in enumerate(request.messages):
+        if isinstance(m, AssistantMessage):
+            request.messages[j] = FinetuningAssistantMessage(**{f: getattr(m, f) for f in type(m).model_fields}, weight=weights[k])
+            k += 1
+    return Conversation(request=request, weights=weights)
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,198 @@
+"""Model configs: the real Magistral Small shapes, and `tiny-random` models built from them.
+
+The tiny models keep everything that matters for correctness from the real ones (the 131072-row Tekken
+vocabulary, grouped-query attention, an explicit head_dim, untied embeddings, the Pixtral tower with
+14-pixel patches and a 2x2 merge) and shrink every width and depth. `materialize_tiny` writes them to disk
+as ordinary Hugging Face model folders, so they take exactly the same `from_pretrained` path as a 24B
+checkpoint does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, MistralForCausalLM
+from transformers import PixtralVisionConfig
+
+from magistune.tokenizer import SpecialIds, default_cache_dir, load_tokenizer, tiny_tokenizer_path, write_tiny_tekken
+
+TINY_NAMES = ("tiny-random", "tiny-random-vision")
+_FORMAT = 1  # bump when the way tiny models are written changes; the folder name carries it
+
+# Magistral Small 2506/2507 (and the language model of 2509). Every Magistral uses the v13 Tekken
+# vocabulary (2**17 = 131072 rows) and a rotary base of 1e9.
+MAGISTRAL_VOCAB = 131072
+MAGISTRAL_ROPE_THETA = 1e9
+
+
+def _special_ids() -> SpecialIds:
+    return SpecialIds.of(load_tokenizer(tiny_tokenizer_path()))
+
+
+def _text_config(ids: SpecialIds, **shape) -> MistralConfig:
+    return MistralConfig(
+        vocab_size=MAGISTRAL_VOCAB,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": MAGISTRAL_ROPE_THETA},
+        sliding_window=None,  # Magistral attends to the whole context
+        tie_word_embeddings=False,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+        pad_token_id=ids.pad,
+        **shape,
+    )
+
+
+def tiny_text_config() -> MistralConfig:
+    """A 2-layer Mistral with the real vocabulary.
+
+    Parameters: embed_tokens and lm_head are 131072 x 64 = 8.39M each (untied, 16.8M together);
+    a layer is q,o 64x64 + k,v 64x32 (12.3K) + gate,up,down 3 x 64x128 (24.6K) + 2 norms = 37.0K;
+    2 layers + the final norm = 74K. Total 16.85M parameters, 99.6% of them in the two vocabulary matrices.
+    """
+    return _text_config(
+        _special_ids(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # 4 heads x head_dim 16 = 64 = hidden_size, like 32 x 128 = 4096 in the real one
+        num_key_value_heads=2,  # grouped-query attention: 2 query heads share a key/value head (4 in the real one)
+        head_dim=16,
+        max_position_embeddings=40960,
+    )
+
+
+def _tiny_vision_tower() -> PixtralVisionConfig:
+    # A 1540-pixel image is 1540/14 = 110 patches a side; the 2x2 merge leaves 55 x 55 = 3025 image tokens.
+    return PixtralVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 32 / 2 = 16
+        image_size=1540,
+        patch_size=14,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
+def tiny_vision_config() -> Mistral3Config:
+    """`tiny_text_config` with a tiny Pixtral tower in front, shaped like Magistral Small 2509."""
+    ids = _special_ids()
+    if ids.img is None:
+        raise ValueError("the tiny tokenizer has no [IMG] token")
+    return Mistral3Config(
+        vision_config=_tiny_vision_tower(),
+        text_config=tiny_text_config(),
+        image_token_index=ids.img,
+        spatial_merge_size=2,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,  # Mistral3Config defaults to True; Magistral's lm_head is its own matrix
+    )
+
+
+def magistral_small_config() -> MistralConfig:
+    """Magistral Small 2506's language model: 40 layers, 5120 wide, 23.6B parameters.
+
+    embed + lm_head: 2 x 131072 x 5120 = 1.34B. A layer: q,o 5120x4096 (21.0M each), k,v 5120x1024 (5.2M
+    each), gate,up,down 3 x 5120x32768 (503M) = 555.7M; 40 of them = 22.2B. Total 23.57B = 47.1 GB in bf16.
+    """
+    ids = SpecialIds(bos=1, eos=2, pad=11, begin_think=None, end_think=None, img=10, img_break=12, img_end=13)
+    return _text_config(
+        ids,
+        hidden_size=5120,
+        intermediate_size=32768,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,  # 32 x 128 = 4096 != 5120: q_proj maps 5120 -> 4096, o_proj maps it back
+        max_position_embeddings=40960,
+    )
+
+
+def magistral_small_vision_config(num_layers: int | None = None) -> Mistral3Config:
+    """Magistral Small 2509: Pixtral (24 layers, 1024 wide, 0.4B) + projector + the 2506 language model.
+
+    num_layers cuts the language model (e.g. 4 for a one-GPU benchmark that keeps the real widths).
+    """
+    text = magistral_small_config()
+    text.max_position_embeddings = 131072
+    if num_layers is not None:
+        text.num_hidden_layers = num_layers
+    vision = PixtralVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,  # head_dim 1024 / 16 = 64
+        image_size=1540,
+        patch_size=14,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return Mistral3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=10,
+        spatial_merge_size=2,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_config(name: str) -> MistralConfig | Mistral3Config:
+    if name == "tiny-random":
+        return tiny_text_config()
+    if name == "tiny-random-vision":
+        return tiny_vision_config()
+    raise ValueError(f"unknown tiny model '{name}'; expected one of {', '.join(TINY_NAMES)}")
+
+
+def _fingerprint(config) -> str:
+    """A short hash of what the folder depends on: the config (special ids included) and the writer's format."""
+    fields = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+    blob = json.dumps({"config": fields, "format": _FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def materialize_tiny(name: str, root: Path | None = None) -> Path:
+    """Write `tiny-random` or `tiny-random-vision` as a Hugging Face model folder (once) and return it.
+
+    The folder is <root>/<name>/<fingerprint>/ with config.json, model.safetensors and tekken.json.
+    Weights are stored in bf16, like the real checkpoints: 16.85M params x 2 bytes = 33.7 MB (the vision
+    model adds ~30K tower and projector params). Loading them as fp32 is exact, since every bf16 is an fp32.
+
+    Writers race safely: each builds its own temporary folder next to the target and renames it into place;
+    rename(2) onto a non-empty folder fails, so the first writer wins and the others use its folder.
+    """
+    config = tiny_config(name)
+    root = Path(root) if root is not None else default_cache_dir()
+    target = root / name / _fingerprint(config)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        cls = Mistral3ForConditionalGeneration if isinstance(config, Mistral3Config) else MistralForCausalLM
+        torch.manual_seed(0)  # same weights on every machine (CPU init)
+        with torch.device("cpu"):
+            model = cls(config)
+        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        write_tiny_tekken(tmp / "tekken.json")
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,150 @@
+"""Samples → padded micro-batches → optimizer steps, in a deterministic, resumable order.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of `micro_batch_size` samples:
+2 samples × 4 micro-batches = 8 samples per step, and at sequence_len 2048 at most
+2 × 2048 tokens × 4 accum = 16,384 tokens/step.
+
+The order of an epoch is a permutation drawn from a `torch.Generator` seeded with (seed, epoch), so epoch 3
+of a resumed run is the same as epoch 3 of an uninterrupted one without replaying epochs 0–2. Inside an
+epoch, a `DataPosition` (epoch, step index) is all a checkpoint has to remember.
+
+The last step of an epoch may hold fewer micro-batches, and its last micro-batch fewer samples: no sample
+is dropped. The loss normalises by the trained tokens of the whole step (loss.py), so short steps are fine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+
+from magistune.data.sample import IGNORE_INDEX, Sample
+
+
+@dataclass
+class Batch:
+    """A right-padded micro-batch: (B, T) tensors, T = the longest sample of the micro-batch."""
+
+    input_ids: torch.Tensor  # pad id after each sample's end
+    labels: torch.Tensor  # IGNORE_INDEX on padding and on untrained tokens; aligned with input_ids
+    attention_mask: torch.Tensor  # 1 on real tokens, 0 on padding
+    sources: list[str]
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (unpadded) tokens: what tokens/s counts."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_trained(self) -> int:
+        """Tokens that are predicted and scored. The model shifts: label t is predicted from tokens < t, so
+        the first position never counts (loss.py scores labels[:, 1:])."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), self.sources)
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the data stream stands: `step` optimizer steps of `epoch` are done."""
+
+    epoch: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataPosition":
+        return cls(epoch=int(d["epoch"]), step=int(d["step"]))
+
+
+def collate(samples: list[Sample], pad_id: int) -> Batch:
+    """Pad right to the longest sample: pad id in input_ids, IGNORE_INDEX in labels, 0 in attention_mask."""
+    if not samples:
+        raise ValueError("collate: empty micro-batch")
+    width = max(len(s) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        if len(s.labels) != len(s.input_ids):
+            raise ValueError(f"{s.source}: {len(s.input_ids)} input ids but {len(s.labels)} labels")
+        n = len(s)
+        ids[i, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+        labels[i, :n] = torch.tensor(s.labels, dtype=torch.long)
+        mask[i, :n] = 1
+    return Batch(ids, labels, mask, [s.source for s in samples])
+
+
+def epoch_order(n_samples: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a permutation that depends only on (seed, epoch)."""
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + epoch)  # distinct (seed, epoch) pairs → distinct streams
+    return torch.randperm(n_samples, generator=g).tolist()
+
+
+def micro_batches_per_epoch(n_samples: int, micro_batch_size: int) -> int:
+    return math.ceil(n_samples / micro_batch_size)
+
+
+def steps_per_epoch(n_samples: int, micro_batch_size: int, grad_accum: int) -> int:
+    """E.g. 1,000 samples / 2 per micro-batch = 500 micro-batches / 4 accum = 125 steps."""
+    return math.ceil(micro_batches_per_epoch(n_samples, micro_batch_size) / grad_accum)
+
+
+def total_steps(n_samples: int, micro_batch_size: int, grad_accum: int, num_epochs: float, max_steps: int | None) -> int:
+    """max_steps when set, else num_epochs × steps per epoch (rounded up: 1.5 epochs of 125 steps = 188)."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(num_epochs * steps_per_epoch(n_samples, micro_batch_size, grad_accum)))
+
+
+class StepStream:
+    """Yields (position after the step, [micro-batches]) for every optimizer step from `start` on.
+
+    Epochs repeat until the caller stops iterating (the recipe stops at total_steps), so max_steps may run
+    past num_epochs and a fractional num_epochs stops inside an epoch.
+    """
+
+    def __init__(self, samples: list[Sample], micro_batch_size: int, grad_accum: int, pad_id: int, seed: int,
+                 start: DataPosition = DataPosition()):
+        if not samples:
+            raise ValueError("no training samples")
+        self.samples = samples
+        self.mbs = micro_batch_size
+        self.accum = grad_accum
+        self.pad_id = pad_id
+        self.seed = seed
+        self.start = start
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation), drawn once per epoch
+        self.steps_per_epoch = steps_per_epoch(len(samples), micro_batch_size, grad_accum)
+        if start.step > self.steps_per_epoch:
+            raise ValueError(f"data position {start} is past the end of an epoch of {self.steps_per_epoch} steps "
+                             "(the training set changed since the checkpoint?)")
+
+    def step_indices(self, epoch: int, step: int) -> list[list[int]]:
+        """Sample indices of each micro-batch of step `step` (0-based) of `epoch`."""
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.samples), self.seed, epoch))
+        order = self._order[1]
+        per_step = self.mbs * self.accum
+        chunk = order[step * per_step:(step + 1) * per_step]
+        return [chunk[i:i + self.mbs] for i in range(0, len(chunk), self.mbs)]
+
+    def __iter__(self) -> Iterator[tuple[DataPosition, list[Batch]]]:
+        epoch, step = self.start.epoch, self.start.step
+        while True:
+            if step >= self.steps_per_epoch:
+                epoch, step = epoch + 1, 0
+            micro = [collate([self.samples[i] for i in idx], self.pad_id) for idx in self.step_indices(epoch, step)]
+            step += 1
+            yield DataPosition(epoch, step), micro
+
+
+def eval_batches(samples: list[Sample], micro_batch_size: int, pad_id: int) -> list[Batch]:
+    """The held-out split in file order, micro_batch_size samples at a time."""
+    return [collate(samples[i:i + micro_batch_size], pad_id) for i in range(0, len(samples), micro_batch_size)]
