@@ -62,6 +62,10 @@ class Config(_Strict):
     system_prompt: str | None = None
     system_prompt_file: str | None = None
     on_bad_record: Literal["error", "skip"] = "error"
+    allow_image_urls: bool = False  # fetch http(s) image URLs (with image_fetch_timeout seconds)
+    image_fetch_timeout: float = Field(default=10.0, gt=0)
+    max_images_per_sample: int | None = Field(default=None, ge=1)
+    max_image_tokens_per_sample: int | None = Field(default=None, ge=1)
     sample_packing: bool = False
     eval_sample_packing: bool | None = None
     pad_to_sequence_len: bool = False

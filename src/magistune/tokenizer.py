@@ -113,9 +113,11 @@ class SpecialIds:
 
         def get(token: SpecialTokens) -> int | None:
             try:
-                return raw.get_special_token(token.value)
-            except Exception:
+                i = raw.get_special_token(token.value)
+            except Exception:  # Tekken raises for a token it does not have
                 return None
+            # SentencePiece maps an unknown string to <unk> instead of raising: that is "absent" too.
+            return None if i == getattr(raw, "unk_id", None) else i
 
         return cls(
             bos=raw.bos_id,

@@ -21,7 +21,8 @@ from magistune.data.records import RecordError, RecordOptions, parse_record
 from magistune.data.report import DataReport, Rejected, format_report
 from magistune.data.sample import Sample
 from magistune.data.sources import BadLine, SourceError, iter_records, open_source
-from magistune.tokenizer import find_tokenizer_file, load_tokenizer, tiny_tokenizer_path
+from magistune.data.images import ImageOptions, local_file_stamp
+from magistune.tokenizer import SpecialIds, TokenizerError, find_tokenizer_file, load_tokenizer, tiny_tokenizer_path
 
 TINY_MODELS = ("tiny-random", "tiny-random-vision")
 
@@ -68,14 +69,19 @@ def system_prompt_for(ds: DatasetConfig, cfg: Config) -> str | None:
 
 
 def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, rep: DataReport,
-                    progress: bool) -> list[Sample]:
+                    image_files: set[str], progress: bool) -> list[Sample]:
     """Every record of one dataset: bad ones go to rep.rejected, long ones follow the length policy."""
-    opts = RecordOptions(ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on)
     labels_opts = LabelOptions(train_thinking=ds.train_thinking, train_on_inputs=ds.train_on_inputs)
     policy = ds.excess_length_strategy or cfg.excess_length_strategy
     limit = cfg.sequence_len
     try:
         src = open_source(ds, cfg)
+        base_dir = src.path if src.path is None or src.path.is_dir() else src.path.parent
+        opts = RecordOptions(
+            ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on,
+            supports_images=encoder.instruct.image_encoder is not None,
+            images=ImageOptions(base_dir or cfg.config_dir, cfg.allow_image_urls, cfg.image_fetch_timeout),
+        )
         records = iter_records(src)
         samples: list[Sample] = []
         for where, record in tqdm(records, desc=f"tokenising {ds.path}", unit=" rec", disable=not progress, file=sys.stderr):
@@ -84,27 +90,64 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
                 rep.rejected.append(Rejected(where, record.reason, record.message))
                 continue
             try:
-                ids, labels, images = encoder.encode(parse_record(record, opts), labels_opts)
+                conv = parse_record(record, opts)
+                ids, labels, images = encoder.encode(conv, labels_opts)
                 if all(t == -100 for t in labels):
                     raise RecordError("no_trained_tokens", "no token is trained (every assistant message has weight 0 or train: false)")
+                over_cap = image_cap_violation(ids, images, encoder.ids, cfg)
+                if over_cap and policy == "truncate":
+                    raise RecordError("too_many_images", over_cap)
             except RecordError as e:
                 rep.rejected.append(Rejected(where, e.reason, e.message, record))
                 continue
             rep.valid += 1
             rep.lengths.append(len(ids))
+            image_files.update(conv.image_origins)
+            if over_cap:
+                rep.dropped.append(Rejected(where, "too_many_images", over_cap))
+                continue
             if len(ids) > limit:
                 if policy == "drop":
                     rep.dropped.append(Rejected(where, "too_long", f"{len(ids)} tokens > sequence_len {limit}"))
                     continue
-                ids, labels = ids[:limit], labels[:limit]
-                if all(t == -100 for t in labels):
-                    rep.dropped.append(Rejected(where, "untrained_after_truncation", f"no trained token in the first {limit} tokens"))
+                ids, labels, images, why = truncate(ids, labels, images, limit, encoder.ids)
+                if why:
+                    rep.dropped.append(Rejected(where, "truncation", why))
                     continue
                 rep.truncated += 1
             samples.append(Sample(ids, labels, where, images))
     except SourceError as e:
         raise DataError(str(e)) from None
     return _cap_and_mix(samples, ds, cfg.seed)
+
+
+def image_cap_violation(ids: list[int], images: list, special: SpecialIds, cfg: Config) -> str | None:
+    """Why a sample is over max_images_per_sample or max_image_tokens_per_sample, or None."""
+    if not images:
+        return None
+    if cfg.max_images_per_sample is not None and len(images) > cfg.max_images_per_sample:
+        return f"{len(images)} images > max_images_per_sample {cfg.max_images_per_sample}"
+    if cfg.max_image_tokens_per_sample is not None:
+        image_ids = {special.img, special.img_break, special.img_end}
+        n = sum(1 for t in ids if t in image_ids)
+        if n > cfg.max_image_tokens_per_sample:
+            return f"{n} image tokens > max_image_tokens_per_sample {cfg.max_image_tokens_per_sample}"
+    return None
+
+
+def truncate(ids: list[int], labels: list[int], images: list, limit: int, special: SpecialIds):
+    """The first `limit` tokens, with the images whose tokens end inside them. Returns (ids, labels, images,
+    why-dropped): a cut through an image's tokens, or no trained token left, drops the sample."""
+    ids, labels = ids[:limit], labels[:limit]
+    if all(t == -100 for t in labels):
+        return ids, labels, images, f"no trained token in the first {limit} tokens"
+    if images:
+        complete = ids.count(special.img_end)
+        last_end = max((i for i, t in enumerate(ids) if t == special.img_end), default=-1)
+        if any(t in (special.img, special.img_break) for t in ids[last_end + 1:]):
+            return ids, labels, images, f"the cut at {limit} tokens falls inside an image"
+        images = images[:complete]
+    return ids, labels, images, None
 
 
 def _cap_and_mix(samples: list[Sample], ds: DatasetConfig, seed: int) -> list[Sample]:
@@ -123,8 +166,10 @@ def encode_all(cfg: Config, progress: bool = True) -> tuple[list[Sample], DataRe
     encoder = ConversationEncoder(load_tokenizer(tok_file))
     rep = DataReport()
     samples: list[Sample] = []
+    image_files: set[str] = set()
     for ds in cfg.datasets:
-        samples.extend(_encode_dataset(ds, cfg, encoder, rep, progress))
+        samples.extend(_encode_dataset(ds, cfg, encoder, rep, image_files, progress))
+    rep.image_stamps = {o: list(st) for o in sorted(image_files) if (st := local_file_stamp(o)) is not None}
     return samples, rep, tok_file
 
 
@@ -190,7 +235,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> PreparedData:
 def validate_data(cfg: Config) -> int:
     try:
         samples, rep, _ = encode_all(cfg)
-    except DataError as e:
+    except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _split_and_count(samples, cfg, rep)
@@ -201,7 +246,7 @@ def validate_data(cfg: Config) -> int:
 def preprocess(cfg: Config, dump: str | None = None) -> int:
     try:
         data = prepare_data(cfg)
-    except DataError as e:
+    except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_report(data.report, cfg.sequence_len))

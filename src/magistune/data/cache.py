@@ -4,7 +4,8 @@ The key hashes everything that changes the samples: the data options of the conf
 bytes, every dataset's contents and the encoder's version. Same key → reuse; any change → a new folder.
 Layout of one entry (`<prepared>/<key[:16]>/`), written to a temporary folder and renamed when complete:
     tokens.npz    input_ids and labels as flat int32 arrays + offsets (4 + 4 bytes a token)
-    samples.json  source (file:line) and split of every sample, the report, the tokenizer path
+    images.bin    the original bytes of every image, back to back (memory-mapped on load)
+    samples.json  source (file:line), split and image byte ranges of every sample, the report, the tokenizer
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from magistune import __version__
 from magistune.config import Config
 from magistune.data.report import DataReport
 from magistune.data.sample import Sample
+from magistune.data.images import local_file_stamp
 from magistune.data.sources import SourceError, open_source, source_fingerprint
 from magistune.tokenizer import file_digest
 
-ENCODER_VERSION = 1  # bump when the encoding or labelling logic changes
+ENCODER_VERSION = 2  # bump when the encoding or labelling logic changes
 _DATA_KEYS = ("datasets", "sequence_len", "excess_length_strategy", "val_set_size", "system_prompt", "seed",
-              "base_model", "tokenizer_path")
+              "base_model", "tokenizer_path", "allow_image_urls", "max_images_per_sample", "max_image_tokens_per_sample")
 
 
 def cache_key(cfg: Config, tokenizer_file: Path) -> str:
@@ -55,12 +57,35 @@ def save_cached(root: Path, key: str, data) -> Path:
     tmp = root / f".{key[:16]}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_entry(tmp, key, data)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half an entry behind
+        raise
+    return final
+
+
+def _write_entry(tmp: Path, key: str, data) -> None:
     samples = data.train + data.eval
     lengths = np.array([len(s) for s in samples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     flat = lambda attr: np.fromiter((t for s in samples for t in getattr(s, attr)), dtype=np.int32, count=int(offsets[-1]))  # noqa: E731
     np.savez(tmp / "tokens.npz", input_ids=flat("input_ids"), labels=flat("labels"), offsets=offsets)
+    # Images: the original file bytes back to back in images.bin (memory-mapped when loaded), and per sample
+    # the (start, end) byte range of each. Pixels are recomputed from them exactly when batches are built.
+    ranges, pos = [], 0
+    with open(tmp / "images.bin", "wb") as f:
+        for s in samples:
+            ranges.append([])
+            for img in s.images:
+                f.write(img)
+                ranges[-1].append([pos, pos + len(img)])
+                pos += len(img)
     meta = {
+        "image_ranges": ranges,
         "key": key,
         "tokenizer_file": str(data.tokenizer_file),
         "sources": [s.source for s in samples],
@@ -68,10 +93,6 @@ def save_cached(root: Path, key: str, data) -> Path:
         "report": data.report.to_json(),
     }
     (tmp / "samples.json").write_text(json.dumps(meta), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
 
 
 def load_cached(root: Path, key: str):
@@ -86,6 +107,11 @@ def load_cached(root: Path, key: str):
         return None
     arrays = np.load(tokens_file)
     ids, labels, offsets = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
-    samples = [Sample(ids[a:b], labels[a:b], src) for a, b, src in zip(offsets[:-1], offsets[1:], meta["sources"])]
+    report = DataReport.from_json(meta["report"])
+    if any(local_file_stamp(path) != tuple(stamp) for path, stamp in report.image_stamps.items()):
+        return None  # an image file changed since the cache was written
+    blob = np.memmap(entry / "images.bin", dtype=np.uint8, mode="r") if any(meta["image_ranges"]) else None
+    samples = [Sample(ids[a:b], labels[a:b], src, [blob[x:y] for x, y in imgs])
+               for a, b, src, imgs in zip(offsets[:-1], offsets[1:], meta["sources"], meta["image_ranges"])]
     n = meta["n_train"]
-    return PreparedData(samples[:n], samples[n:], Path(meta["tokenizer_file"]), DataReport.from_json(meta["report"]), from_cache=True)
+    return PreparedData(samples[:n], samples[n:], Path(meta["tokenizer_file"]), report, from_cache=True)

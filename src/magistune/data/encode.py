@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mistral_common.protocol.instruct.chunk import ThinkChunk
+from mistral_common.protocol.instruct.chunk import ImageChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -55,7 +55,8 @@ class ConversationEncoder:
         self._normalizer = tokenizer._instruct_request_normalizer
 
     def encode(self, conv: Conversation, opts: LabelOptions = LabelOptions()) -> tuple[list[int], list[int], list]:
-        """Returns (input_ids, labels, images). Raises RecordError when mistral-common rejects the conversation."""
+        """Returns (input_ids, labels, images): images are the original file bytes, in the order of their tokens.
+        Raises RecordError when mistral-common rejects the conversation."""
         it = self.instruct
         try:
             request = self._normalizer.from_chat_completion_request(self._validator.validate_request(conv.request))
@@ -78,10 +79,10 @@ class ConversationEncoder:
                         msg, request.available_tools, idx == last_user, idx == first_user,
                         system_prompt=request.system_prompt, force_img_first=True, settings=request.settings,
                     )
-                    images.extend(new_images)
+                    images.extend(self._image_bytes(conv, msg, new_images))
                 elif isinstance(msg, ToolMessage):
                     tokens, new_images, _ = it.encode_tool_message(msg, idx < last_user)
-                    images.extend(new_images)
+                    images.extend(self._image_bytes(conv, msg, new_images))
                 elif isinstance(msg, AssistantMessage):
                     tokens = it.encode_assistant_message(message=msg, is_before_last_user_message=idx < last_user)
                     trained = next(run_weights) == 1
@@ -102,6 +103,16 @@ class ConversationEncoder:
         if opts.train_on_inputs:
             labels = [IGNORE_INDEX] + input_ids[1:]
         return input_ids, labels, images
+
+    def _image_bytes(self, conv: Conversation, msg, encoded: list) -> list[bytes]:
+        """The bytes of a message's images in encoding order (mistral-common may move a lone image first)."""
+        content = msg.content if isinstance(msg.content, list) else []
+        if isinstance(msg, UserMessage) and hasattr(self.instruct, "_maybe_put_image_first"):
+            content = self.instruct._maybe_put_image_first(content)
+        order = [conv.image_bytes[id(c.image)] for c in content if isinstance(c, ImageChunk)]
+        if len(order) != len(encoded):
+            raise RecordError("invalid_format", f"{len(encoded)} images encoded, {len(order)} found in the message")
+        return order
 
     def _assistant_labels(self, tokens: list[int], msg: AssistantMessage, opts: LabelOptions) -> list[int]:
         labels = list(tokens)

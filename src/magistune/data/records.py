@@ -9,29 +9,27 @@ Every failure is a `RecordError` with a short reason code (for the report) and a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mistral_common.protocol.instruct.messages import AssistantMessage, FinetuningAssistantMessage
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+from magistune.data.errors import RecordError
+from magistune.data.images import IMAGE_PARTS, ImageOptions, load_image_part
 
 ROLES = ("system", "user", "assistant", "tool")
 TEXT_PARTS = ("text", "thinking")
-IMAGE_PARTS = ("image", "image_url", "input_image")
 EXTRA_KEYS = ("weight", "train")  # ours (mistral-finetune's `weight`, Axolotl-style `train`), read before conversion
-
-
-class RecordError(ValueError):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass
 class Conversation:
     request: ChatCompletionRequest
     weights: list[int]  # one 0/1 per assistant message, in order
+    image_bytes: dict[int, bytes] = field(default_factory=dict)  # id(PIL image in an ImageChunk) → file bytes
+    image_origins: list[str] = field(default_factory=list)  # local path, URL or "base64" of each image
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,8 @@ class RecordOptions:
     system_prompt: str | None = None
     supports_thinking: bool = True
     train_on: str = "all_assistant"
+    supports_images: bool = False  # the tokenizer has an image config
+    images: ImageOptions = ImageOptions()
 
 
 def _drop_nones(d: dict) -> dict:
@@ -59,7 +59,11 @@ def _check_parts(i: int, role: str, content: Any, opts: RecordOptions) -> None:
             raise RecordError("wrong_type", f"{where} must be an object with a string 'type'")
         kind = part["type"]
         if kind in IMAGE_PARTS:
-            raise RecordError("image_unsupported", f"{where}: images are not supported yet (the vision issue adds them)")
+            if role not in ("user", "tool"):
+                raise RecordError("image_in_wrong_role", f"{where}: images are only allowed in user and tool messages, not {role}")
+            if not opts.supports_images:
+                raise RecordError("image_unsupported", f"{where}: image part, but the tokenizer has no image config")
+            continue
         if kind not in TEXT_PARTS:
             raise RecordError("unknown_part_type", f"{where}: unknown part type '{kind}' (expected one of {', '.join(TEXT_PARTS)})")
         field = "text" if kind == "text" else "thinking"
@@ -118,18 +122,25 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
     messages = record.get(opts.field_messages)
     if messages is None:
         raise RecordError("no_messages", f"no '{opts.field_messages}' field")
-    if not isinstance(messages, list) or not messages:
-        raise RecordError("no_messages", f"'{opts.field_messages}' must be a non-empty list")
+    if not isinstance(messages, list):
+        raise RecordError("wrong_type", f"'{opts.field_messages}' must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise RecordError("no_messages", f"'{opts.field_messages}' is an empty list")
     tools = record.get(opts.field_tools)
     if tools is not None and not isinstance(tools, list):
         raise RecordError("wrong_type", f"'{opts.field_tools}' must be a list of tools")
 
     clean: list[dict] = []
     weights: list[int] = []
+    with_images: list[list | None] = []  # per message: its content as mistral-common chunks, when it has images
+    image_bytes: dict[int, bytes] = {}
+    image_origins: list[str] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise RecordError("wrong_type", f"messages[{i}] must be an object")
         msg = _drop_nones(msg)
+        if isinstance(msg.get("content"), list):  # parts of a parquet / datasets row are None-filled structs too
+            msg["content"] = [_drop_nones(p) if isinstance(p, dict) else p for p in msg["content"]]
         role = msg.get("role")
         if role not in ROLES:
             raise RecordError("unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
@@ -151,12 +162,18 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
             raise RecordError("tool_message_without_id", f"messages[{i}]: a tool message needs a 'tool_call_id'")
         elif role in ("system", "user", "tool") and not isinstance(msg.get("content", ""), (str, list)):
             raise RecordError("wrong_type", f"messages[{i}].content must be a string or a list of parts")
-        clean.append({k: v for k, v in msg.items() if k not in EXTRA_KEYS})
+        msg = {k: v for k, v in msg.items() if k not in EXTRA_KEYS}
+        chunks = _image_chunks(i, msg.get("content"), opts, image_bytes, image_origins)
+        if chunks is not None:  # converted below; mistral-common sees the text parts only
+            msg["content"] = [p for p in msg["content"] if p["type"] not in IMAGE_PARTS] or ""
+        clean.append(msg)
+        with_images.append(chunks)
 
     if clean[-1]["role"] != "assistant":
         raise RecordError("last_not_assistant", f"the last message is from '{clean[-1]['role']}'; a training conversation ends with the assistant")
     if opts.system_prompt is not None and not any(m["role"] == "system" for m in clean):
         clean.insert(0, {"role": "system", "content": opts.system_prompt})
+        with_images.insert(0, None)
     if opts.train_on == "last_assistant":
         weights = [0] * (len(weights) - 1) + [weights[-1]]
 
@@ -172,7 +189,28 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
         if isinstance(m, AssistantMessage):
             request.messages[j] = FinetuningAssistantMessage(**{f: getattr(m, f) for f in type(m).model_fields}, weight=weights[k])
             k += 1
-    return Conversation(request=request, weights=weights)
+    for j, chunks in enumerate(with_images):
+        if chunks is not None:
+            m = request.messages[j]
+            request.messages[j] = type(m)(**{f: getattr(m, f) for f in type(m).model_fields if f != "content"}, content=chunks)
+    return Conversation(request=request, weights=weights, image_bytes=image_bytes, image_origins=image_origins)
+
+
+def _image_chunks(i: int, content: Any, opts: RecordOptions, image_bytes: dict[int, bytes],
+                  image_origins: list[str]) -> list | None:
+    """A message's parts as mistral-common chunks, with every image loaded; None when it has no image."""
+    if not isinstance(content, list) or not any(p["type"] in IMAGE_PARTS for p in content):
+        return None
+    chunks = []
+    for j, part in enumerate(content):
+        if part["type"] in IMAGE_PARTS:
+            data, image, origin = load_image_part(part, opts.images, f"messages[{i}].content[{j}]")
+            image_bytes[id(image)] = data
+            image_origins.append(origin)
+            chunks.append(ImageChunk(image=image))
+        else:
+            chunks.append(TextChunk(text=part["text"]))
+    return chunks
 
 
 def _short(e: Exception) -> str:

@@ -31,6 +31,7 @@ class DataReport:
     kept: int = 0
     train_samples: int = 0
     eval_samples: int = 0
+    image_stamps: dict[str, list[int]] = field(default_factory=dict)  # local image file → [size, mtime_ns]
 
     def reject_counts(self) -> Counter:
         return Counter(r.reason for r in self.rejected)
@@ -42,7 +43,7 @@ class DataReport:
             "tokens_total": self.tokens_total, "tokens_trained": self.tokens_trained,
             "rejected": [r.to_json() | {"record": None} for r in self.rejected],
             "dropped": [r.to_json() | {"record": None} for r in self.dropped],
-            "lengths": self.lengths,
+            "lengths": self.lengths, "image_stamps": self.image_stamps,
         }
 
     @classmethod
@@ -51,6 +52,7 @@ class DataReport:
                                         "tokens_total", "tokens_trained", "lengths")})
         rep.rejected = [Rejected(**r) for r in d["rejected"]]
         rep.dropped = [Rejected(**r) for r in d["dropped"]]
+        rep.image_stamps = d.get("image_stamps", {})
         return rep
 
 
