@@ -189,7 +189,7 @@ def _check_keys(raw: dict[str, Any], model: type[BaseModel], where: str, notes: 
     valid = [k for k in model.model_fields if k != "config_dir"]
     for key in list(raw):
         value = raw[key]
-        empty = value in (None, "", False, [], {})
+        empty = value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
         if key in valid:
             continue
         if key in ACCEPTED_NOOP_KEYS or (key in UNSUPPORTED_AXOLOTL_KEYS and empty):

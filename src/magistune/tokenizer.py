@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mistral_common
 from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.base import SpecialTokens
+from mistral_common.tokens.tokenizers.base import SpecialTokens, TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 # The 20 control tokens of the legacy Tekken files, in rank order, then fillers and the v11/v13 additions.
@@ -80,7 +80,11 @@ def find_tokenizer_file(model_dir: Path) -> Path:
     tekken = model_dir / "tekken.json"
     if tekken.is_file():
         return tekken
-    sp = sorted(model_dir.glob("tokenizer.model.v*"))
+    def version(p: Path) -> int:
+        digits = p.name.rsplit(".v", 1)[-1].split("m")[0]
+        return int(digits) if digits.isdigit() else -1
+
+    sp = sorted(model_dir.glob("tokenizer.model.v*"), key=version)
     if sp:
         return sp[-1]
     raise TokenizerError(f"{model_dir}: no tekken.json or tokenizer.model.v* found; set tokenizer_path")
@@ -119,12 +123,14 @@ class SpecialIds:
             # SentencePiece maps an unknown string to <unk> instead of raising: that is "absent" too.
             return None if i == getattr(raw, "unk_id", None) else i
 
+        think_ok = raw.version >= TokenizerVersion.v13
         return cls(
             bos=raw.bos_id,
             eos=raw.eos_id,
             pad=raw.pad_id,
-            begin_think=get(SpecialTokens.begin_think),
-            end_think=get(SpecialTokens.end_think),
+            # mistral-common encodes thinking from v13 on; an older file that lists [THINK] cannot use it.
+            begin_think=get(SpecialTokens.begin_think) if think_ok else None,
+            end_think=get(SpecialTokens.end_think) if think_ok else None,
             img=get(SpecialTokens.img),
             img_break=get(SpecialTokens.img_break),
             img_end=get(SpecialTokens.img_end),

@@ -22,6 +22,7 @@ from magistune.data.images import IMAGE_PARTS, ImageOptions, load_image_part
 ROLES = ("system", "user", "assistant", "tool")
 TEXT_PARTS = ("text", "thinking")
 EXTRA_KEYS = ("weight", "train")  # ours (mistral-finetune's `weight`, Axolotl-style `train`), read before conversion
+MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning", *EXTRA_KEYS}
 
 
 @dataclass
@@ -144,6 +145,9 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
         role = msg.get("role")
         if role not in ROLES:
             raise RecordError("unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+        unknown = sorted(set(msg) - MESSAGE_KEYS)
+        if unknown:  # mistral-common's conversion would drop them silently (a typo like reasoning_contnt)
+            raise RecordError("unknown_key", f"messages[{i}] has unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(MESSAGE_KEYS))})")
         _check_parts(i, role, msg.get("content"), opts)
         weight = _message_weight(i, msg)
         if role == "assistant":

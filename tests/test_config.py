@@ -1,0 +1,348 @@
+"""The YAML config: Axolotl's keys, helpful errors, notes for what is accepted but not active."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from magistune.config import ConfigError, load_config, parse_config
+
+MINIMAL = {"base_model": "tiny-random", "datasets": [{"path": "data.jsonl"}]}
+
+# Axolotl's examples/magistral/magistral-small-qlora.yaml, unchanged.
+AXOLOTL_QLORA = """\
+base_model: mistralai/Magistral-Small-2506
+
+# Enable to use mistral-common tokenizer
+tokenizer_use_mistral_common: true
+
+# Automatically upload checkpoint and final model to HF
+# hub_model_id: username/custom_model_name
+
+load_in_8bit: false
+load_in_4bit: true
+
+datasets:
+  - path: fozziethebeat/alpaca_messages_2k_test
+    type: chat_template
+
+dataset_prepared_path: last_run_prepared
+val_set_size: 0.1
+output_dir: ./outputs/lora-out
+
+adapter: qlora
+lora_model_dir:
+
+sequence_len: 2048
+sample_packing: true
+pad_to_sequence_len: true
+
+lora_r: 32
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_linear: true
+lora_target_modules:
+  - gate_proj
+  - down_proj
+  - up_proj
+  - q_proj
+  - v_proj
+  - k_proj
+  - o_proj
+
+wandb_project:
+wandb_entity:
+wandb_watch:
+wandb_name:
+wandb_log_model:
+
+gradient_accumulation_steps: 4
+micro_batch_size: 2
+num_epochs: 1
+optimizer: adamw_bnb_8bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+
+bf16: auto
+tf32: false
+
+gradient_checkpointing: true
+resume_from_checkpoint:
+logging_steps: 1
+flash_attention: true
+
+warmup_ratio: 0.1
+evals_per_epoch: 1
+saves_per_epoch: 1
+
+# save_first_step: true  # uncomment this to validate checkpoint saving works with your config
+"""
+
+# Axolotl's examples/magistral/think/magistral-small-think-qlora.yaml, unchanged.
+AXOLOTL_THINK = """\
+base_model: mistralai/Magistral-Small-2507
+
+# Enable to use mistral-common tokenizer
+tokenizer_use_mistral_common: true
+
+# Automatically upload checkpoint and final model to HF
+# hub_model_id: username/custom_model_name
+
+plugins:
+  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin
+
+load_in_8bit: false
+load_in_4bit: true
+
+datasets:
+  - path: Nanobit/text-think-2k-test
+    type: chat_template
+
+dataset_prepared_path: last_run_prepared
+val_set_size: 0
+output_dir: ./outputs/lora-out
+
+adapter: qlora
+lora_model_dir:
+
+sequence_len: 2048
+sample_packing: true
+
+lora_r: 32
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_linear: true
+lora_target_modules:
+  - gate_proj
+  - down_proj
+  - up_proj
+  - q_proj
+  - v_proj
+  - k_proj
+  - o_proj
+
+wandb_project:
+wandb_entity:
+wandb_watch:
+wandb_name:
+wandb_log_model:
+
+gradient_accumulation_steps: 4
+micro_batch_size: 2
+num_epochs: 1
+optimizer: adamw_bnb_8bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+
+bf16: auto
+tf32: false
+
+gradient_checkpointing: true
+resume_from_checkpoint:
+logging_steps: 1
+attn_implementation: flash_attention_2
+
+warmup_ratio: 0.1
+evals_per_epoch: 1
+saves_per_epoch: 1
+
+# save_first_step: true  # uncomment this to validate checkpoint saving works with your config
+"""
+
+
+def _load(tmp_path: Path, text: str):
+    path = tmp_path / "config.yml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return load_config(path)
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, text)
+    return str(e.value)
+
+
+def test_axolotl_magistral_qlora_example(tmp_path):
+    cfg, notes = _load(tmp_path, AXOLOTL_QLORA)
+    assert cfg.base_model == "mistralai/Magistral-Small-2506"
+    assert cfg.adapter == "qlora" and cfg.load_in_4bit and not cfg.load_in_8bit
+    assert [(d.path, d.type) for d in cfg.datasets] == [("fozziethebeat/alpaca_messages_2k_test", "chat_template")]
+    assert cfg.val_set_size == 0.1 and cfg.sequence_len == 2048
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (32, 16, 0.05)
+    assert cfg.lora_target_modules == ["gate_proj", "down_proj", "up_proj", "q_proj", "v_proj", "k_proj", "o_proj"]
+    assert cfg.lora_model_dir is None and cfg.resume_from_checkpoint is None
+    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.num_epochs) == (2, 4, 1)
+    assert cfg.optimizer == "adamw_bnb_8bit" and cfg.learning_rate == 0.0002 and cfg.bf16 == "auto"
+    assert cfg.flash_attention and cfg.warmup_ratio == 0.1
+    assert cfg.evals_per_epoch == 1 and cfg.saves_per_epoch == 1
+    # paths resolve against the config file's folder
+    assert cfg.prepared_dir == tmp_path / "last_run_prepared"
+    assert cfg.out_dir == tmp_path / "outputs" / "lora-out"
+    # packing is accepted but reported as not active; empty wandb keys are ignored with a note
+    assert any(n.startswith("sample_packing:") and "not active yet" in n for n in notes), notes
+    for key in ("wandb_project", "wandb_entity", "wandb_watch", "wandb_name", "wandb_log_model"):
+        assert any(n.startswith(f"{key}: ignored") for n in notes), notes
+
+
+def test_axolotl_magistral_think_example(tmp_path):
+    cfg, notes = _load(tmp_path, AXOLOTL_THINK)
+    assert cfg.base_model == "mistralai/Magistral-Small-2507"
+    assert cfg.attn_implementation == "flash_attention_2"
+    assert cfg.val_set_size == 0
+    assert cfg.use_cce and not cfg.cut_cross_entropy
+    assert any("Cut Cross Entropy" in n and "not active yet" in n for n in notes), notes
+    assert any(n.startswith("sample_packing:") and "not active yet" in n for n in notes), notes
+
+
+def test_minimal_config_defaults(tmp_path):
+    cfg, notes = parse_config(dict(MINIMAL), config_dir=tmp_path)
+    assert notes == []
+    assert cfg.datasets[0].type == "chat_template" and cfg.datasets[0].split == "train"
+    assert cfg.on_bad_record == "error" and cfg.excess_length_strategy == "drop"
+    assert cfg.prepared_dir == tmp_path / "outputs" / "prepared"
+
+
+@pytest.mark.parametrize("key,suggestion", [
+    ("learning_rat", "learning_rate"),
+    ("sequence_length", "sequence_len"),
+    ("micro_batchsize", "micro_batch_size"),
+])
+def test_unknown_top_level_key_suggests(tmp_path, key, suggestion):
+    msg = _error(tmp_path, f"""\
+        base_model: tiny-random
+        datasets: [{{path: data.jsonl}}]
+        {key}: 1
+        """)
+    assert f"{key}: unknown key; did you mean '{suggestion}'?" in msg
+    assert str(tmp_path / "config.yml") in msg
+
+
+def test_unknown_key_without_a_close_match(tmp_path):
+    msg = _error(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\nzzqx: 1\n")
+    assert "zzqx: unknown key" in msg and "did you mean" not in msg
+
+
+def test_unknown_dataset_key_suggests(tmp_path):
+    msg = _error(tmp_path, """\
+        base_model: tiny-random
+        datasets:
+          - path: a.jsonl
+          - path: b.jsonl
+            field_message: conversations
+        """)
+    assert "datasets[1].field_message: unknown key; did you mean 'field_messages'?" in msg
+    assert "datasets[0]" not in msg
+
+
+def test_every_error_is_listed(tmp_path):
+    msg = _error(tmp_path, """\
+        base_model: tiny-random
+        datasets: [{path: a.jsonl, splt: test}]
+        learning_rat: 1
+        deepspeed: ds.json
+        """)
+    assert "datasets[0].splt" in msg and "learning_rat" in msg and "deepspeed" in msg
+
+
+@pytest.mark.parametrize("line,key", [
+    ("deepspeed: deepspeed_configs/zero2.json", "deepspeed"),
+    ("wandb_project: foo", "wandb_project"),
+    ("hub_model_id: me/my-model", "hub_model_id"),
+    ("chat_template: chatml", "chat_template"),
+    ("fsdp: [full_shard]", "fsdp"),
+    ("rl: dpo", "rl"),
+])
+def test_unimplemented_axolotl_key_with_a_value(tmp_path, line, key):
+    msg = _error(tmp_path, f"base_model: tiny-random\ndatasets: [{{path: data.jsonl}}]\n{line}\n")
+    assert f"{key}: Axolotl's key is not implemented in magistune" in msg
+
+
+@pytest.mark.parametrize("line", ["deepspeed:", "wandb_project:", "wandb_project: ''", "fsdp: []", "hub_model_id: null"])
+def test_unimplemented_axolotl_key_empty_is_accepted(tmp_path, line):
+    cfg, notes = _load(tmp_path, f"base_model: tiny-random\ndatasets: [{{path: data.jsonl}}]\n{line}\n")
+    key = line.split(":")[0]
+    assert any(n.startswith(f"{key}: ignored") for n in notes), notes
+
+
+def test_noop_keys_are_accepted_with_a_note(tmp_path):
+    cfg, notes = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\nstrict: false\n"
+                                 "save_safetensors: true\n")
+    assert any(n.startswith("strict: ignored") for n in notes)
+    assert any(n.startswith("save_safetensors: ignored") for n in notes)
+
+
+def test_cut_cross_entropy_key_note(tmp_path):
+    cfg, notes = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\ncut_cross_entropy: true\n")
+    assert cfg.use_cce
+    assert any(n.startswith("cut_cross_entropy:") and "not active yet" in n for n in notes)
+
+
+@pytest.mark.parametrize("line,key", [
+    ("lora_r: 0", "lora_r"),
+    ("optimizer: sgd", "optimizer"),
+    ("lora_target_modules: '(q_proj|v_proj'", "lora_target_modules"),
+    ("lora_dropout: 1.5", "lora_dropout"),
+    ("sequence_len: 8", "sequence_len"),
+    ("learning_rate: -1", "learning_rate"),
+    ("on_bad_record: ignore", "on_bad_record"),
+    ("excess_length_strategy: wrap", "excess_length_strategy"),
+    ("val_set_size: -0.1", "val_set_size"),
+    ("micro_batch_size: two", "micro_batch_size"),
+])
+def test_bad_values_name_the_key(tmp_path, line, key):
+    msg = _error(tmp_path, f"base_model: tiny-random\ndatasets: [{{path: data.jsonl}}]\n{line}\n")
+    assert f"\n  {key}: " in msg, msg
+
+
+def test_bad_regex_says_so(tmp_path):
+    msg = _error(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\nlora_target_modules: '(q_proj'\n")
+    assert "lora_target_modules: Value error, not a valid regular expression" in msg
+
+
+def test_bad_dataset_value_names_the_entry(tmp_path):
+    msg = _error(tmp_path, "base_model: tiny-random\ndatasets: [{path: a.jsonl}, {path: b.jsonl, train_on: everything}]\n")
+    assert "datasets.1.train_on: " in msg
+    msg = _error(tmp_path, "base_model: tiny-random\ndatasets: [{type: chat_template}]\n")
+    assert "datasets.0.path: Field required" in msg
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("datasets: [{path: a.jsonl}]\n", "base_model: Field required"),
+    ("base_model: tiny-random\n", "datasets: Field required"),
+    ("base_model: tiny-random\ndatasets: []\n", "datasets: List should have at least 1 item"),
+    ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nadapter: qlora\n", "adapter: qlora needs load_in_4bit: true"),
+    ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nload_in_8bit: true\n", "load_in_8bit is not implemented"),
+    ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nwarmup_steps: 10\nwarmup_ratio: 0.1\n",
+     "set warmup_steps or warmup_ratio, not both"),
+    ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nsystem_prompt: a\nsystem_prompt_file: b.txt\n",
+     "set system_prompt or system_prompt_file, not both"),
+])
+def test_missing_and_inconsistent_keys(tmp_path, text, needle):
+    assert needle in _error(tmp_path, text)
+
+
+def test_invalid_yaml(tmp_path):
+    msg = _error(tmp_path, "base_model: tiny-random\ndatasets: [{path: a.jsonl}\n  bad: : :\n")
+    assert msg.startswith(f"{tmp_path / 'config.yml'}: not valid YAML")
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    assert "must be a YAML mapping" in _error(tmp_path, "- base_model: tiny-random\n")
+
+
+def test_empty_file(tmp_path):
+    msg = _error(tmp_path, "")
+    assert "base_model: Field required" in msg and "datasets: Field required" in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_zero_is_not_an_empty_value_for_unsupported_keys():
+    import pytest as _pytest
+    from magistune.config import ConfigError, parse_config
+
+    with _pytest.raises(ConfigError, match="deepspeed"):
+        parse_config({"base_model": "tiny-random", "datasets": [{"path": "d.jsonl"}], "deepspeed": 0})
