@@ -5,8 +5,9 @@ Every special-token id is read from the tokenizer (`SpecialIds`), never hard-cod
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def write_tiny_tekken(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")  # unique per process: concurrent writers never collide
         tmp.write_text(json.dumps(tiny_tekken_json()), encoding="utf-8")
         tmp.replace(path)
     return path

@@ -54,7 +54,7 @@ def resolve_tokenizer_file(cfg: Config) -> Path:
         return find_tokenizer_file(local)
     from magistune.model.load import resolve_model_dir  # a hub id: the local Hugging Face cache
 
-    return find_tokenizer_file(resolve_model_dir(cfg.base_model))
+    return find_tokenizer_file(resolve_model_dir(cfg.base_model, cfg.config_dir))
 
 
 def system_prompt_for(ds: DatasetConfig, cfg: Config) -> str | None:

@@ -9,6 +9,7 @@ checkpoint does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, MistralForCausalLM
-from transformers import PixtralVisionConfig
+from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
 
+from magistune.model.parts import model_class
 from magistune.tokenizer import SpecialIds, default_cache_dir, load_tokenizer, tiny_tokenizer_path, write_tiny_tekken
 
 TINY_NAMES = ("tiny-random", "tiny-random-vision")
@@ -31,6 +32,7 @@ MAGISTRAL_VOCAB = 131072
 MAGISTRAL_ROPE_THETA = 1e9
 
 
+@functools.cache  # loading the 11 MB Tekken file takes a second
 def _special_ids() -> SpecialIds:
     return SpecialIds.of(load_tokenizer(tiny_tokenizer_path()))
 
@@ -78,7 +80,6 @@ def _tiny_vision_tower() -> PixtralVisionConfig:
         num_attention_heads=2,  # head_dim 32 / 2 = 16
         image_size=1540,
         patch_size=14,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
 
 
@@ -105,9 +106,8 @@ def magistral_small_config() -> MistralConfig:
     embed + lm_head: 2 x 131072 x 5120 = 1.34B. A layer: q,o 5120x4096 (21.0M each), k,v 5120x1024 (5.2M
     each), gate,up,down 3 x 5120x32768 (503M) = 555.7M; 40 of them = 22.2B. Total 23.57B = 47.1 GB in bf16.
     """
-    ids = SpecialIds(bos=1, eos=2, pad=11, begin_think=None, end_think=None, img=10, img_break=12, img_end=13)
     return _text_config(
-        ids,
+        _special_ids(),  # the tiny Tekken file has the real v13 control-token ranks
         hidden_size=5120,
         intermediate_size=32768,
         num_hidden_layers=40,
@@ -134,12 +134,11 @@ def magistral_small_vision_config(num_layers: int | None = None) -> Mistral3Conf
         num_attention_heads=16,  # head_dim 1024 / 16 = 64
         image_size=1540,
         patch_size=14,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     return Mistral3Config(
         vision_config=vision,
         text_config=text,
-        image_token_index=10,
+        image_token_index=_special_ids().img,
         spatial_merge_size=2,
         projector_hidden_act="gelu",
         multimodal_projector_bias=False,
@@ -168,31 +167,38 @@ def materialize_tiny(name: str, root: Path | None = None) -> Path:
 
     The folder is <root>/<name>/<fingerprint>/ with config.json, model.safetensors and tekken.json.
     Weights are stored in bf16, like the real checkpoints: 16.85M params x 2 bytes = 33.7 MB (the vision
-    model adds ~30K tower and projector params). Loading them as fp32 is exact, since every bf16 is an fp32.
-
-    Writers race safely: each builds its own temporary folder next to the target and renames it into place;
-    rename(2) onto a non-empty folder fails, so the first writer wins and the others use its folder.
+    model adds 39.5K tower + 10.3K projector params: 33.8 MB). Loading them as fp32 is exact: every bf16
+    value is an fp32 value.
     """
     config = tiny_config(name)
     root = Path(root) if root is not None else default_cache_dir()
     target = root / name / _fingerprint(config)
-    if (target / "config.json").is_file():
-        return target
+    if not (target / "config.json").is_file():
+        write_model_dir(config, target)
+    return target
+
+
+def write_model_dir(config: MistralConfig | Mistral3Config, target: Path) -> bool:
+    """Build a seeded random model for `config` and move it into `target`. True if this call's folder won.
+
+    Writers race safely: each builds its own temporary folder next to the target and renames it into place;
+    rename(2) onto an existing, non-empty folder fails, so the first writer wins and the others keep its folder.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        cls = Mistral3ForConditionalGeneration if isinstance(config, Mistral3Config) else MistralForCausalLM
-        torch.manual_seed(0)  # same weights on every machine (CPU init)
-        with torch.device("cpu"):
-            model = cls(config)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # leaves the caller's RNG alone
+            torch.manual_seed(0)  # the same weights on every run
+            model = model_class(config)(config)
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         write_tiny_tekken(tmp / "tekken.json")
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         try:
             os.rename(tmp, target)
+            return True
         except OSError:
             if not (target / "config.json").is_file():  # not a lost race: a real failure
                 raise
+            return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from bitsandbytes.nn import Linear4bit
+from transformers import Mistral3ForConditionalGeneration, MistralForCausalLM
+
+from magistune.model import ModelError, format_model_info, freeze_except, load_model, model_info, resolve_dtype
+from magistune.model.load import resolve_attn
+from magistune.tokenizer import load_tokenizer, shipped_tokenizer_file
+
+CPU = torch.device("cpu")
+
+
+def test_dtype_policy(make_cfg):
+    assert resolve_dtype(make_cfg(), CPU) == torch.float32  # "auto" on the CPU
+    assert resolve_dtype(make_cfg(bf16=True), CPU) == torch.bfloat16
+    assert resolve_dtype(make_cfg(bf16=False), torch.device("cuda")) == torch.float32
+
+
+def test_flash_attention_falls_back_to_sdpa_on_cpu(capsys, make_cfg):
+    assert resolve_attn(make_cfg(flash_attention=True), CPU) == "sdpa"
+    assert "flash_attention_2" in capsys.readouterr().err
+    assert resolve_attn(make_cfg(attn_implementation="eager"), CPU) == "eager"
+
+
+@pytest.mark.parametrize("name,cls", [("text_dir", MistralForCausalLM), ("vision_dir", Mistral3ForConditionalGeneration)])
+def test_loads_the_right_class_in_the_right_dtype(name, cls, request, tok, make_cfg):
+    model_dir = request.getfixturevalue(name)
+    model, info = load_model(make_cfg(bf16=True), model_dir, CPU, tokenizer=tok)
+    assert type(model) is cls
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert info.kind == ("vision" if cls is Mistral3ForConditionalGeneration else "text")
+    assert info.total_params == info.trainable_params == sum(p.numel() for p in model.parameters())
+    assert info.weight_bytes == 2 * info.total_params
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_vocab_mismatch_is_an_error(text_dir, make_cfg):
+    other = shipped_tokenizer_file("mistral_instruct_tokenizer_240323.model.v3")  # 32768 tokens
+    cfg = make_cfg("tiny-random", tokenizer_path=str(other))
+    with pytest.raises(ModelError, match=r"tokenizer has 32768 tokens but the model's embedding has 131072 rows"):
+        load_model(cfg, text_dir, CPU)
+    # and the model folder's own tekken.json is the default
+    load_model(make_cfg("tiny-random"), text_dir, CPU)
+
+
+def test_unfrozen_parameters(vision_dir, tok, make_cfg):
+    patterns = [r"^lm_head\.", r"model\.language_model\.layers\.1\.mlp\."]
+    model, info = load_model(make_cfg(unfrozen_parameters=patterns), vision_dir, CPU, tokenizer=tok)
+    expect = {n for n, _ in model.named_parameters() if any(re.match(p, n) for p in patterns)}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expect
+    assert len(expect) == 4  # lm_head + gate, up, down of layer 1
+    assert info.trainable_params == sum(p.numel() for n, p in model.named_parameters() if n in expect)
+    with pytest.raises(ModelError, match="no parameter name matches"):
+        freeze_except(model, [r"^transformer\.h\."])
+    with pytest.raises(ModelError, match="row ranges"):
+        freeze_except(model, [r"lm_head.weight[:1000]"])
+
+
+def test_qlora_quantises_only_the_language_model(vision_dir, tok, make_cfg):
+    cfg = make_cfg(adapter="qlora", load_in_4bit=True, lora_target_linear=True, bf16=True)
+    model, info = load_model(cfg, vision_dir, CPU, tokenizer=tok)
+    inner = model.model
+    quantised = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    lm_linears = [n for n, m in inner.language_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(quantised) == len(lm_linears) == 7 * model.config.text_config.num_hidden_layers
+    assert all(n.startswith("model.language_model.") for n in quantised)
+    for part in (inner.vision_tower, inner.multi_modal_projector, model.lm_head):
+        assert not any(isinstance(m, Linear4bit) for m in part.modules())
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            assert m.compute_dtype == torch.bfloat16 and m.weight.quant_state.quant_type == "nf4"
+            assert m.weight.quant_state.nested  # double quantisation
+
+    # counting: the 4-bit model has as many parameters as the bf16 one, in fewer bytes
+    plain, plain_info = load_model(make_cfg(bf16=True), vision_dir, CPU, tokenizer=tok)
+    assert info.total_params == plain_info.total_params
+    expected = plain.get_memory_footprint(return_buffers=False)
+    for n in quantised:  # bf16 -> packed 4-bit plus the library's own quantisation constants
+        w = model.get_submodule(n).weight
+        qs = w.quant_state
+        expected += w.numel() * w.element_size() - 2 * qs.shape.numel()
+        expected += qs.absmax.numel() * qs.absmax.element_size() + qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    assert info.weight_bytes == expected and info.quantized
+    assert "nf4" in format_model_info(info)
+
+
+def test_format_model_info():
+    from magistune.model import ModelInfo
+
+    info = ModelInfo("text", "MistralConfig", 24_000_000_000, 21_000_000, int(13.2 * 2**30), "bfloat16", True)
+    assert format_model_info(info) == (
+        "MistralConfig (text): trainable 21.0M / total 24.0B params (0.09%), weights 13.2 GiB (bfloat16 + nf4)"
+    )
