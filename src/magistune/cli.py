@@ -1,4 +1,4 @@
-"""`magistune` command line: validate-data, preprocess, train, config-schema."""
+"""`magistune` command line: validate-data, preprocess, train, chat, generate, evaluate, merge, export, config-schema."""
 
 from __future__ import annotations
 
@@ -34,11 +34,197 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(_load(args.config))
 
 
+# --- using the trained model ---------------------------------------------------------------------------
+
+
+def _source(args: argparse.Namespace):
+    """Config (optional) + --model/--adapter/--base → a checked ModelSource (no weights loaded yet)."""
+    from magistune.infer.loading import resolve_source
+
+    cfg = _load(args.config) if args.config else None
+    return resolve_source(cfg, model=args.model, adapter=args.adapter, base_only=args.base)
+
+
+def _sampling(args: argparse.Namespace):
+    from magistune.infer.sampling import SamplingOptions
+
+    try:
+        return SamplingOptions(args.temperature, args.top_p, args.max_tokens, args.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _system_prompt(args: argparse.Namespace, source) -> str | None:
+    from magistune.infer.prompts import config_system_prompt
+
+    return args.system if args.system is not None else config_system_prompt(source.cfg)
+
+
+def _say_loading(source) -> None:
+    print(f"loading {source.describe()}", file=sys.stderr, flush=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import os
+
+    from magistune.infer.chat import Style, run_chat
+    from magistune.infer.loading import load_for_inference, pick_device
+
+    source = _source(args)
+    opts, system = _sampling(args), _system_prompt(args, source)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    _say_loading(source)
+    loaded = load_for_inference(source, pick_device(args.device))
+    return run_chat(loaded, opts, Style(color=color, hide_thinking=args.hide_thinking), system)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from magistune.infer.generate import run_generate
+    from magistune.infer.loading import load_for_inference, pick_device
+
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be >= 1")
+    if not Path(args.input).is_file():
+        raise ConfigError(f"--input: {args.input}: file not found")
+    source = _source(args)
+    opts, system = _sampling(args), _system_prompt(args, source)
+    _say_loading(source)
+    loaded = load_for_inference(source, pick_device(args.device))
+    return run_generate(loaded, Path(args.input), Path(args.output), opts, args.batch_size, system,
+                        progress=sys.stderr.isatty())
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from magistune.data.build import DataError
+    from magistune.infer.evaluate import run_evaluate, select_samples
+    from magistune.infer.loading import load_for_inference, pick_device, resolve_source
+    from magistune.tokenizer import TokenizerError
+
+    cfg = _load(args.config)
+    source = resolve_source(cfg, adapter=args.adapter, base_only=args.base)
+    try:
+        samples, split = select_samples(cfg, args.all, args.dataset)  # data first: a bad file fails before loading
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _say_loading(source)
+    loaded = load_for_inference(source, pick_device(args.device))
+    return run_evaluate(loaded, cfg, samples, split, args.dataset, args.batch_size, args.output)
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise ConfigError(f"--max-shard-size: '{text}' is not a size like 5GB, 500MB or 2GiB")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from magistune.data.build import resolve_tokenizer_file
+    from magistune.export.merge import MergeError, merge_adapter
+    from magistune.infer.loading import check_adapter_dir
+    from magistune.model.load import resolve_model_dir
+
+    cfg = _load(args.config)
+    if args.adapter:
+        adapter = check_adapter_dir(Path(args.adapter), "--adapter")
+    else:
+        adapter = check_adapter_dir(cfg.out_dir, "output_dir")
+    base = resolve_model_dir(cfg.base_model, cfg.config_dir)
+    out = Path(args.output)
+    if out.resolve() in (base.resolve(), adapter.resolve()):
+        raise ConfigError(f"--output: {out} is the base model or adapter folder; choose a new folder")
+    if cfg.load_in_4bit:
+        print(f"QLoRA run: the base is re-read in bf16 from the original checkpoint {base}, "
+              "not dequantised from 4-bit", file=sys.stderr)
+    try:
+        report = merge_adapter(base, adapter, out, resolve_tokenizer_file(cfg), _parse_size(args.max_shard_size),
+                               cfg.trust_remote_code)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {len(report.merged)} of {report.tensors} tensors from {adapter} into {base}\n"
+          f"wrote {out}: {len(report.files)} shard(s), {report.bytes_written / 2**30:.2f} GiB bf16; "
+          f"peak tensor memory {report.peak_tensor_mib:.0f} MiB, peak RSS {report.peak_rss_mib:.0f} MiB")
+    return 0
+
+
+def _export_model_dir(args: argparse.Namespace):
+    from pathlib import Path
+
+    from magistune.model.load import resolve_model_dir
+
+    if args.model:
+        return resolve_model_dir(args.model, Path.cwd())
+    if not args.config:
+        raise ConfigError("give a config file, or --model DIR")
+    cfg = _load(args.config)
+    out = cfg.out_dir
+    if (out / "adapter_config.json").is_file():
+        raise ConfigError(f"output_dir: {out} holds a LoRA adapter; merge it first:\n"
+                          f"  magistune merge {args.config} --output merged/\n"
+                          f"  magistune export --model merged/ --format {args.format} --output {args.output}")
+    if (out / "config.json").is_file():
+        return out
+    raise ConfigError(f"output_dir: {out} holds no trained model; use --model DIR to export a model folder")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from magistune.export.native import ExportError, hf_to_native
+    from magistune.export.to_gguf import export_gguf
+
+    model_dir = _export_model_dir(args)
+    out = Path(args.output)
+    try:
+        if args.format == "mistral":
+            hf_to_native(model_dir, out)
+            print(f"wrote {out}: params.json, consolidated.safetensors, tekken.json (Mistral's native layout)")
+        else:
+            path = out if out.suffix == ".gguf" else out / f"{model_dir.name}-{args.dtype}.gguf"
+            notes = export_gguf(model_dir, path, args.dtype)
+            print(f"wrote {path} ({args.dtype}); incomplete: {'; '.join(notes)}")
+    except (ExportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_config_schema(args: argparse.Namespace) -> int:
     schema = Config.model_json_schema()
     schema.get("properties", {}).pop("config_dir", None)
     print(json.dumps(schema, indent=2))
     return 0
+
+
+CHAT_HELP = """input: Enter sends the line; end a line with a backslash to continue it on the next; a line of three
+double quotes starts a block that the next such line ends.
+commands: /reset (forget the conversation), /system TEXT (set the system prompt), /system (remove it),
+/help, /quit or /exit (or Ctrl-D). Ctrl-C stops an answer and drops that turn."""
+
+
+def _model_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("config", nargs="?", help="the training config (its output_dir is used)")
+    s.add_argument("--model", help="a model folder (merged, full, or a base like tiny-random) instead of the config's")
+    s.add_argument("--adapter", help="a LoRA adapter folder (default: the one in output_dir)")
+    s.add_argument("--base", action="store_true", help="the config's base model alone, without what was trained")
+    s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def _sampling_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    s.add_argument("--max-tokens", type=int, default=40960, help="new tokens per answer, thinking included (default 40960)")
+    s.add_argument("--seed", type=int, help="seed the sampler for reproducible output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +243,51 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="fine-tune as the config says")
     s.add_argument("config")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("chat", help="chat with the trained model in the terminal (tokens stream as generated)",
+                       epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(s)
+    _sampling_args(s)
+    s.add_argument("--system", help="system prompt (default: the config's system_prompt / system_prompt_file)")
+    s.add_argument("--hide-thinking", action="store_true", help='print "[thinking… N tokens]" instead of the thinking')
+    s.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="dim the thinking with ANSI codes (auto: when stdout is a terminal and NO_COLOR is unset)")
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("generate", help="batched generation for a JSON-lines file of conversations")
+    _model_args(s)
+    _sampling_args(s)
+    s.add_argument("--input", required=True, metavar="PROMPTS.jsonl", help="one {\"messages\": [...]} per line, last turn user")
+    s.add_argument("--output", required=True, metavar="OUT.jsonl")
+    s.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    s.add_argument("--system", help="system prompt for conversations without one (default: the config's)")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("evaluate", help="loss and perplexity, with the training masks and normalisation")
+    s.add_argument("config")
+    s.add_argument("--adapter", help="an adapter folder (default: the one in output_dir)")
+    s.add_argument("--base", action="store_true", help="evaluate the base model alone")
+    s.add_argument("--all", action="store_true", help="every sample (train + eval), not just the eval split")
+    s.add_argument("--dataset", action="append", metavar="FILE", help="evaluate these files instead (repeatable)")
+    s.add_argument("--batch-size", type=int, help="samples per forward pass (default: micro_batch_size)")
+    s.add_argument("--output", metavar="REPORT.json", help="also write the report here")
+    s.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("merge", help="merge the LoRA adapter into the base weights (bf16 safetensors)")
+    s.add_argument("config")
+    s.add_argument("--output", required=True, metavar="DIR")
+    s.add_argument("--adapter", help="an adapter folder (default: output_dir)")
+    s.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("export", help="write a model in Mistral's native layout or as GGUF")
+    s.add_argument("config", nargs="?")
+    s.add_argument("--model", help="a Hugging Face model folder (e.g. the output of merge) instead of a config")
+    s.add_argument("--format", required=True, choices=("mistral", "gguf"))
+    s.add_argument("--output", required=True, metavar="PATH", help="a folder (mistral), a .gguf file or a folder (gguf)")
+    s.add_argument("--dtype", choices=("bf16", "f16"), default="bf16", help="GGUF weight type (default bf16)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("config-schema", help="print the config's JSON schema")
     s.set_defaults(func=cmd_config_schema)

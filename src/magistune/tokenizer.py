@@ -5,6 +5,7 @@ Every special-token id is read from the tokenizer (`SpecialIds`), never hard-cod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -65,13 +66,21 @@ def tiny_tokenizer_path() -> Path:
     return write_tiny_tekken(default_cache_dir() / "tiny-random" / "tekken.json")
 
 
-def load_tokenizer(path: str | Path) -> MistralTokenizer:
-    """A mistral-common tokenizer in fine-tuning validation mode (conversations end with the assistant)."""
-    path = Path(path)
+def load_tokenizer(path: str | Path, mode: ValidationMode = ValidationMode.finetuning) -> MistralTokenizer:
+    """A mistral-common tokenizer. Fine-tuning mode (the default) wants conversations that end with the
+    assistant; inference uses ValidationMode.test (they end with the user). Memoised on the file's path,
+    size and mtime: loading a Tekken file takes seconds."""
+    path = Path(path).resolve()
     if not path.is_file():
         raise TokenizerError(f"{path}: tokenizer file not found")
+    st = path.stat()
+    return _load_tokenizer(str(path), st.st_size, st.st_mtime_ns, mode)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str, size: int, mtime_ns: int, mode: ValidationMode) -> MistralTokenizer:
     try:
-        return MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+        return MistralTokenizer.from_file(path, mode=mode)
     except Exception as e:  # mistral-common raises ValueError, AssertionError, KeyError … on bad files
         raise TokenizerError(f"{path}: not a mistral-common tokenizer file ({type(e).__name__}: {e})") from None
 

@@ -53,11 +53,27 @@ def resolve_model_dir(base_model: str, config_dir: Path | None = None) -> Path:
     candidates = [path] if path.is_absolute() or config_dir is None else [Path(config_dir) / path, path]
     for candidate in candidates:
         if candidate.is_dir():
+            if _is_native(candidate):
+                return _native_as_hf(candidate)
             _check_layout(candidate)
             return candidate
     if path.is_absolute() or base_model.startswith((".", "~")) or base_model.count("/") != 1:
         raise ModelError(f"base_model: {base_model}: model folder not found")
     return _from_hub_cache(base_model)
+
+
+def _is_native(path: Path) -> bool:
+    return not (path / "config.json").is_file() and (path / "params.json").is_file() and any(path.glob("consolidated*.safetensors"))
+
+
+def _native_as_hf(path: Path) -> Path:
+    """Mistral's native layout (params.json + consolidated.safetensors), converted once to the HF layout."""
+    from magistune.export.native import hf_layout_for
+    from magistune.tokenizer import default_cache_dir
+
+    target = hf_layout_for(path, default_cache_dir() / "native")
+    print(f"note: {path} is in Mistral's native layout; using its Hugging Face conversion in {target}", file=sys.stderr)
+    return target
 
 
 def _check_layout(path: Path) -> None:

@@ -1,0 +1,177 @@
+"""A merged text model → one bf16 or f16 GGUF file for llama.cpp, through the `gguf` package (llama.cpp's gguf-py).
+
+What is written, as llama.cpp's convert_hf_to_gguf.py writes a Mistral model (architecture "llama"):
+
+  weights    token_embd, blk.N.{attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, attn_norm,
+             ffn_norm}, output_norm, output (names from gguf's own TENSOR_NAMES table). Matrices in bf16 (the
+             checkpoint's bytes, unchanged) or f16; norm vectors in f32, as llama.cpp keeps every 1-D tensor.
+             attn_q and attn_k rows are put back in Mistral's interleaved rotary order (native.to_native,
+             llama.cpp's `permute`), because GGUF's llama graph rotates adjacent pairs.
+  hparams    llama.{context_length, embedding_length, block_count, feed_forward_length, attention.head_count,
+             attention.head_count_kv, attention.key_length, attention.value_length, rope.dimension_count,
+             rope.freq_base, attention.layer_norm_rms_epsilon, vocab_size}, general.{name, file_type}.
+  tokenizer  gguf's MistralVocab reads tekken.json with mistral-common, exactly as convert_hf_to_gguf's
+             _set_vocab_mistral does: tokenizer.ggml.model "gpt2", pre "tekken", the 1,000 special tokens first
+             (CONTROL), then the 130,072 byte-level tokens as GPT-2 byte-to-unicode strings (NORMAL), scores 0,
+             the BPE merges recovered from Tekken's ranks, bos/eos/unk/pad ids, add_bos true, add_eos false.
+             (A SentencePiece tokenizer is written as tokenizer.ggml.model "llama", also by MistralVocab.)
+
+Not written, so not complete:
+  * tokenizer.chat_template. llama.cpp's converter takes a community Jinja template from llama.cpp's own
+    repository (for v13: unsloth-mistral-Devstral-Small-2507.jinja), which the gguf package does not ship.
+    Format prompts with mistral-common (what magistune trains with), or pass llama.cpp a template file
+    (--chat-template-file); without one, llama.cpp's chat mode formats prompts in its own way.
+  * The vision tower (Mistral3 / Magistral Small 2509): refused; llama.cpp needs a separate mmproj file.
+  * Tokenizer equivalence with llama.cpp is checked here only partly: tests/export re-run byte-level BPE over
+    the written tokens and merges and get mistral-common's ids for sample words, and the pre-tokenizer regex of
+    the tokenizer file is compared with the pattern llama.cpp's "tekken" pre-tokenizer implements. llama.cpp
+    itself is not run (it is not installable here).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from magistune.export.names import param_names
+from magistune.export.native import text_config, to_native
+from magistune.export.shards import TensorReader, checkpoint_files, read_specs
+
+# The split pattern llama.cpp's "tekken" pre-tokenizer implements (llama-vocab.cpp quotes it as its source).
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                  r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+                  r"|\s+(?!\S)|\s+")
+MISSING = ("no tokenizer.chat_template (format prompts with mistral-common, or give llama.cpp "
+           "--chat-template-file); text model only")
+
+
+def tensor_names(n_layers: int) -> dict[str, str]:
+    """{HF parameter name: GGUF tensor name}, from gguf's own name table."""
+    import gguf
+
+    def name(t, bid=None) -> str:
+        return gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight"
+
+    T = gguf.MODEL_TENSOR
+    names = {"model.embed_tokens.weight": name(T.TOKEN_EMBD), "model.norm.weight": name(T.OUTPUT_NORM),
+             "lm_head.weight": name(T.OUTPUT)}
+    per_layer = {"self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
+                 "self_attn.o_proj": T.ATTN_OUT, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
+                 "mlp.down_proj": T.FFN_DOWN, "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM}
+    for i in range(n_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": name(t, i) for hf, t in per_layer.items()})
+    return names
+
+
+def add_vocab(writer, tokenizer_file: Path) -> list[str]:
+    """Tokenizer metadata as convert_hf_to_gguf's _set_vocab_mistral writes it. Returns notes."""
+    from gguf.vocab import MistralTokenizerType, MistralVocab
+
+    notes = []
+    with tempfile.TemporaryDirectory() as d:  # MistralVocab looks for the tokenizer file in a folder
+        shutil.copyfile(tokenizer_file, Path(d) / tokenizer_file.name)
+        vocab = MistralVocab(Path(d))
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    if len(tokens) != vocab.vocab_size:
+        raise ValueError(f"{tokenizer_file}: {len(tokens)} tokens listed, vocabulary size {vocab.vocab_size}")
+    writer.add_tokenizer_model(vocab.gguf_tokenizer_model)
+    if vocab.tokenizer_type == MistralTokenizerType.tekken:
+        writer.add_tokenizer_pre("tekken")
+        writer.add_token_merges(vocab.extract_vocab_merges_from_model())
+        pattern = vocab.tokenizer._model._pat_str
+        if pattern != TEKKEN_PATTERN:
+            notes.append(f"the tokenizer's split pattern differs from llama.cpp's 'tekken' pre-tokenizer: {pattern!r}")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_unk_token_id(vocab.unk_id)
+    writer.add_pad_token_id(vocab.pad_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    return notes
+
+
+def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_file: Path | None = None) -> list[str]:
+    """Write `out_path`; returns notes (what is missing from the file). Tensors stream one at a time."""
+    import gguf
+
+    from magistune.tokenizer import find_tokenizer_file
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if dtype not in ("bf16", "f16"):
+        raise ValueError(f"GGUF dtype must be bf16 or f16, got {dtype}")
+    config = text_config(model_dir, "GGUF export")  # refuses Mistral3 (vision) with a clear message
+    tokenizer_file = Path(tokenizer_file) if tokenizer_file else find_tokenizer_file(model_dir)
+    located = read_specs(checkpoint_files(model_dir))
+    loaded_name = param_names(config, [s.name for _, s in located])
+    gguf_name = tensor_names(config.num_hidden_layers)
+    missing = [s.name for _, s in located if loaded_name[s.name] not in gguf_name]
+    if missing:
+        raise ValueError(f"{model_dir}: tensors with no GGUF name: {missing[:5]}")
+
+    writer = gguf.GGUFWriter(out_path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(model_dir.name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)  # 128 for Magistral, != 5120 / 32 = 160: must be explicit
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    notes = add_vocab(writer, tokenizer_file)
+
+    heads = {"self_attn.q_proj.weight": config.num_attention_heads, "self_attn.k_proj.weight": config.num_key_value_heads}
+    bf16 = dtype == "bf16"
+
+    def convert(key: str, w: torch.Tensor) -> np.ndarray:
+        n = heads.get(loaded_name[key].split(".", 3)[-1])
+        if n:
+            w = to_native(w, n)
+        if w.dim() == 1:
+            return w.float().numpy()
+        if bf16:  # numpy has no bfloat16: hand gguf the raw 16-bit patterns, typed BF16
+            return w.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+        return w.to(torch.float16).numpy()
+
+    plan = []
+    for _, s in located:
+        shape = s.shape
+        if len(shape) == 1:
+            np_dtype, raw, nbytes = np.float32, None, shape[0] * 4
+        else:
+            np_dtype, raw = (np.int16, gguf.GGMLQuantizationType.BF16) if bf16 else (np.float16, None)
+            nbytes = int(np.prod(shape)) * 2
+        writer.add_tensor_info(gguf_name[loaded_name[s.name]], shape, np.dtype(np_dtype), nbytes, raw_dtype=raw)
+        plan.append(s.name)
+    reader = TensorReader({s.name: path for path, s in located})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for key in plan:  # the order of add_tensor_info: the writer pops them first-in, first-out
+            writer.write_tensor_data(convert(key, reader.get(key)))
+    finally:
+        reader.close()
+        writer.close()
+    notes.append(MISSING)
+    for note in notes:
+        print(f"note: GGUF: {note}", file=sys.stderr)
+    return notes
