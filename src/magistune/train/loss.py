@@ -9,9 +9,10 @@ accumulated gradient is exactly the gradient of one big batch's token mean (test
 
 Memory. Logits are the largest activation: 2,048 tokens × 131,072 vocab × 4 bytes (fp32) = 1 GiB per
 sequence, plus as much again for the softmax saved for backward. We (1) project only the positions whose
-next token is trained (prompts and padding never reach lm_head), and (2) project them `CHUNK_TOKENS` at a
-time inside an activation checkpoint, so a backward pass holds one chunk's logits: 1,024 × 131,072 × 4 =
-512 MiB at most, recomputed chunk by chunk (the extra matmul is ~3% of a 24B model's forward).
+next token is trained (prompts and padding never reach lm_head), and (2) beyond `CHUNK_TOKENS` such positions,
+project them a chunk at a time inside an activation checkpoint, so no more than one chunk's logits is ever
+alive: 1,024 × 131,072 × 4 = 512 MiB, recomputed chunk by chunk in backward (the extra matmul is ~3% of a
+24B model's forward). A micro-batch with ≤ 1,024 trained tokens is one chunk and needs no recomputation.
 
 Seam. `token_loss_sum(model, batch)` is the whole contract: (hidden states of the decoder, lm_head) → the
 summed loss. A fused kernel (Cut Cross Entropy) replaces `chunked_ce_sum` without touching the loop.
@@ -57,6 +58,8 @@ def _ce_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) 
 def chunked_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                    chunk: int = CHUNK_TOKENS) -> torch.Tensor:
     """Σ cross-entropy(head(hidden[i]), targets[i]) over N rows, `chunk` rows of logits at a time."""
+    if hidden.shape[0] <= chunk:  # one chunk: keeping its logits for backward is within the budget
+        return _ce_sum(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], chunk):
         h, y = hidden[i:i + chunk], targets[i:i + chunk]

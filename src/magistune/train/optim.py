@@ -75,9 +75,9 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
     if cfg.optimizer == "paged_adamw_8bit":
         import warnings
 
-        with warnings.catch_warnings():  # on CPU bitsandbytes warns once per parameter; check_optimizer said it
-            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-            return bnb.optim.PagedAdamW8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        # On the CPU bitsandbytes warns at the first step of every parameter; check_optimizer's note said it once.
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        return bnb.optim.PagedAdamW8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     raise OptimizerError(f"optimizer: unknown '{cfg.optimizer}'; expected one of {', '.join(OPTIMIZERS)}")
 
 
@@ -98,7 +98,7 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)  # 0 → 1 over the decay
     if kind == "linear":
-        return max(0.0, 1.0 - progress)
+        return max(0.0, (total - step) / max(1, total - warmup))  # 1 → 0 (0 at once when warmup fills the run)
     if kind == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # half a cosine wave: 1 → 0
     raise ValueError(f"lr_scheduler: unknown '{kind}'; expected cosine, linear or constant")

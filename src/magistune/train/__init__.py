@@ -1,0 +1,1 @@
+"""The training stage: batches, loss, optimizer, checkpoints, metrics, and the loop (recipe.py)."""

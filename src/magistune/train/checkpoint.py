@@ -1,0 +1,236 @@
+"""Checkpoints: `checkpoint-<step>/` folders that a run resumes from exactly, written atomically.
+
+A checkpoint holds everything the next step depends on:
+
+    checkpoint-120/
+      adapter_config.json, adapter_model.safetensors   the LoRA adapter (PEFT format), or
+      config.json, model*.safetensors                  the full model (Hugging Face format)
+      optimizer.pt      AdamW moments: 2 × 4 bytes per trained parameter (8-bit AdamW: ~2 bytes)
+      scheduler.pt      the LambdaLR step counter
+      rng_state.pt      python, numpy, torch CPU and CUDA generators (LoRA dropout draws from torch's)
+      trainer_state.json  step, data position (epoch, step of epoch), per-step losses, the logging window
+      COMPLETE          written last: a folder without it is never resumed from
+
+Atomicity: everything is written into `.checkpoint-<step>.tmp/`, fsync'ed, marked COMPLETE, and only then
+renamed to `checkpoint-<step>/` (rename(2) is atomic on one filesystem). A crash or SIGKILL at any moment
+leaves either the old set of checkpoints or the old set plus the new one — never a half-written folder
+under a checkpoint name. Rotation (save_total_limit) renames a folder out of the way before deleting it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+PREFIX = "checkpoint-"
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_STALE = re.compile(r"^\.checkpoint-\d+\.(tmp|old|deleting)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: the message names the folder and the reason."""
+
+
+# --- RNG ---------------------------------------------------------------------------------------------
+
+def capture_rng() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- finding checkpoints -----------------------------------------------------------------------------
+
+def step_of(path: Path) -> int:
+    m = _NAME.match(path.name)
+    if not m:
+        raise CheckpointError(f"{path}: not a checkpoint folder (expected a name like checkpoint-120)")
+    return int(m.group(1))
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / MARKER).is_file()
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints of `out_dir`, oldest step first."""
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if _NAME.match(p.name) and is_complete(p)]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(cfg) -> tuple[Path | None, str | None]:
+    """The checkpoint `resume_from_checkpoint` names, and a note. Raises CheckpointError if it cannot be used.
+
+    "auto": the newest complete checkpoint of output_dir, or None (start fresh, with a note).
+    A path: relative to the config's folder, else to output_dir; it must be a complete checkpoint.
+    """
+    value = cfg.resume_from_checkpoint
+    if value is None:
+        return None, None
+    if value == "auto":
+        found = latest_checkpoint(cfg.out_dir.resolve())
+        if found is None:
+            return None, f"resume_from_checkpoint: auto: no complete checkpoint in {cfg.out_dir}; starting fresh"
+        return found, f"resuming from {found}"
+    path = cfg.resolve(value)
+    if not path.exists() and (cfg.out_dir / value).exists():
+        path = cfg.out_dir / value
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from_checkpoint: {path}: no such checkpoint folder")
+    if not is_complete(path):
+        raise CheckpointError(f"resume_from_checkpoint: {path}: incomplete checkpoint (no {MARKER} marker: the save "
+                              "was interrupted); pick an earlier one or use resume_from_checkpoint: auto")
+    return path, f"resuming from {path}"
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
+def remove_stale(out_dir: Path) -> None:
+    """Leftovers of interrupted saves and rotations (dot-folders, never resumed from)."""
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            if _STALE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(out_dir: Path, step: int, save_weights: Callable[[Path], None],
+                    optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict, rng_state: dict,
+                    keep: int | None = None) -> Path:
+    """Write `checkpoint-<step>/` atomically, then keep only the newest `keep` complete checkpoints."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale(out_dir)
+    final = out_dir / f"{PREFIX}{step}"
+    tmp = out_dir / f".{PREFIX}{step}.tmp"
+    tmp.mkdir()
+    save_weights(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state, tmp / "rng_state.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+    _fsync_tree(tmp)
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+    _fsync(tmp / MARKER)
+    _fsync(tmp)
+    old = None
+    if final.exists():  # the same step saved again (e.g. the end of a run resumed from its last checkpoint)
+        old = out_dir / f".{PREFIX}{step}.old"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if keep is not None:
+        rotate(out_dir, keep)
+    return final
+
+
+def rotate(out_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints; returns the deleted ones."""
+    found = list_checkpoints(out_dir)
+    doomed = found[:-keep] if keep > 0 else found
+    for p in doomed:
+        gone = out_dir / f".{p.name}.deleting"
+        os.rename(p, gone)  # atomically not a checkpoint any more, then deleted at leisure
+        shutil.rmtree(gone, ignore_errors=True)
+    return doomed
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def holds_adapter(path: Path) -> bool:
+    return (path / "adapter_model.safetensors").is_file()
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy a checkpoint's adapter into `model` in place, or check that a full model came from it.
+
+    A LoRA adapter is loaded by PEFT (its tensor names are the model's own module names). A full model's
+    weights are not copied here: transformers renames some tensors when it saves (Mistral3's
+    `model.language_model.*` is stored as `language_model.model.*`), so the recipe builds the model from the
+    checkpoint folder itself with from_pretrained, which maps the names back (`full_model_source`).
+    """
+    if holds_adapter(path):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if not hasattr(model, "peft_config"):
+            raise CheckpointError(f"{path}: holds a LoRA adapter but the config trains the full model")
+        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise CheckpointError(f"{path}: adapter tensors that this model does not have: "
+                                  f"{result.unexpected_keys[:5]} (lora_target_modules changed?)")
+        return
+    if hasattr(model, "peft_config"):
+        raise CheckpointError(f"{path}: holds a full model but the config trains an adapter")
+    if not (path / "config.json").is_file() or not any(path.glob("model*.safetensors")):
+        raise CheckpointError(f"{path}: no adapter_model.safetensors, and no config.json + model*.safetensors")
+
+
+def full_model_source(cfg, resume: Path | None):
+    """The config to build the model from: a full fine-tune resumes from the checkpoint's own weights."""
+    if resume is None or cfg.adapter is not None:
+        return cfg
+    if holds_adapter(resume):
+        raise CheckpointError(f"{resume}: holds a LoRA adapter but the config trains the full model")
+    return cfg.model_copy(update={"base_model": str(resume.resolve())})
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    restore_rng_now: bool = True) -> dict:
+    """Restore the adapter, optimizer, scheduler (and RNG) from `path`; returns the trainer state.
+
+    A full model must already have been built from `path` (full_model_source)."""
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
+    load_weights(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if restore_rng_now:
+        restore_rng(torch.load(path / "rng_state.pt", weights_only=False))  # our own file: numpy state is a tuple
+    return read_state(path)

@@ -1,0 +1,139 @@
+"""Everything checked and decided before a single weight loads: paths, device, precision, seeds, the config.
+
+A 24B model takes minutes to load; a typo in a dataset path or an unwritable output_dir must fail in the
+first second instead, with the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from magistune.config import Config, ConfigError
+from magistune.train.checkpoint import resolve_resume
+from magistune.train.optim import check_optimizer
+
+
+@dataclass
+class Preflight:
+    model_dir: Path
+    resume: Path | None
+    device: torch.device
+    notes: list[str]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir: {out_dir} is not writable ({e.strerror or e})") from None
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Check every path the run needs; raises ConfigError (or a subclass) naming the key."""
+    from magistune.data.sources import SourceError, open_source
+    from magistune.model.load import check_model_dir, resolve_model_dir
+
+    notes: list[str] = []
+    model_dir = resolve_model_dir(cfg.base_model, cfg.config_dir)
+    check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
+    for i, ds in enumerate(cfg.datasets):
+        try:
+            open_source(ds, cfg)
+        except SourceError as e:
+            raise ConfigError(f"datasets[{i}].path: {e}") from None
+    for key in ("tokenizer_path", "system_prompt_file"):
+        value = getattr(cfg, key)
+        if value is not None and not cfg.resolve(value).is_file():
+            raise ConfigError(f"{key}: {cfg.resolve(value)}: file not found")
+    if cfg.lora_model_dir is not None:
+        if cfg.adapter is None:
+            raise ConfigError("lora_model_dir: continues training a saved adapter; set adapter: lora or qlora")
+        if not (cfg.resolve(cfg.lora_model_dir) / "adapter_config.json").is_file():
+            raise ConfigError(f"lora_model_dir: {cfg.resolve(cfg.lora_model_dir)}: no adapter_config.json")
+    check_writable(cfg.out_dir)
+    resume, note = resolve_resume(cfg)
+    notes += [note] if note else []
+    device = pick_device()
+    note = check_optimizer(cfg.optimizer, device)
+    notes += [note] if note else []
+    if cfg.load_in_4bit and device.type == "cpu":
+        notes.append("load_in_4bit on the CPU: bitsandbytes' CPU kernels are slow; fine for tiny models and tests")
+    return Preflight(model_dir, resume, device, notes)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch (CPU and every CUDA device) from one seed: LoRA init and dropout repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast where the weights are bf16 (the fp32 LoRA matrices then run in bf16 as well);
+    nothing in fp32, the CPU default, so tests are exact."""
+    if dtype == torch.bfloat16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+_PATH_KEYS = ("tokenizer_path", "system_prompt_file", "lora_model_dir", "dataset_prepared_path", "output_dir")
+
+
+def resolved_config(cfg: Config, model_dir: Path) -> dict:
+    """The config with every default written out and local paths made absolute (runnable from anywhere)."""
+    data = cfg.model_dump(mode="json")
+    for key in _PATH_KEYS:
+        if data.get(key) is not None:
+            data[key] = str(cfg.resolve(data[key]).resolve())
+    local = cfg.resolve(cfg.base_model)
+    if local is not None and local.is_dir():
+        data["base_model"] = str(local.resolve())
+    for ds in data["datasets"]:
+        path = cfg.resolve(ds["path"])
+        if path is not None and path.exists():
+            ds["path"] = str(path.resolve())
+    return data
+
+
+def write_resolved_config(cfg: Config, model_dir: Path) -> Path:
+    path = cfg.out_dir / "config.yaml"
+    header = f"# written by magistune train: every key with its value, paths absolute; model folder: {model_dir}\n"
+    path.write_text(header + yaml.safe_dump(resolved_config(cfg, model_dir), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def oom_advice(cfg: Config, longest: int | None) -> str:
+    """What to change after a CUDA out-of-memory error, cheapest in quality first."""
+    tips = []
+    if cfg.micro_batch_size > 1:
+        tips.append(f"micro_batch_size: {cfg.micro_batch_size // 2} with gradient_accumulation_steps: "
+                    f"{cfg.gradient_accumulation_steps * 2} (the same tokens per step, half the activations)")
+    if not cfg.gradient_checkpointing:
+        tips.append("gradient_checkpointing: true (recompute activations in backward: ~1/layers of the memory, ~30% slower)")
+    if cfg.adapter is None:
+        tips.append("adapter: qlora with load_in_4bit: true (4-bit base weights: 24B × 0.5 bytes ≈ 13 GB instead of 47 GB)")
+    elif cfg.adapter == "lora":
+        tips.append("adapter: qlora with load_in_4bit: true (4-bit base weights instead of bf16)")
+    if cfg.optimizer in ("adamw_torch", "adamw_torch_fused"):
+        tips.append("optimizer: adamw_bnb_8bit or paged_adamw_8bit (8-bit optimizer state: 2 bytes per trained "
+                    "parameter instead of 8)")
+    seq = f" (the longest sample here has {longest} tokens)" if longest else ""
+    tips.append(f"sequence_len: lower than {cfg.sequence_len}{seq}; longer samples are then dropped or truncated "
+                "(excess_length_strategy)")
+    return "to use less memory, try:\n  - " + "\n  - ".join(tips)

@@ -1,0 +1,150 @@
+"""train(cfg) in process: bad configs fail before any weight loads; NaN and OOM stop cleanly; it overfits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from magistune import cli
+from magistune.config import load_config
+from magistune.train import checkpoint as ckpt
+from magistune.train.loss import token_loss_sum
+from magistune.train.preflight import preflight
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "data" / "demo.jsonl"
+
+
+@pytest.fixture
+def make(tmp_path):
+    """make(**keys) → a config file in tmp_path training tiny-random on 4 demo conversations."""
+    lines = [line for line in DEMO.read_text(encoding="utf-8").splitlines() if line.strip()][:4]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def write(**keys) -> Path:
+        cfg = {"base_model": "tiny-random", "datasets": [{"path": "data.jsonl"}], "sequence_len": 512,
+               "micro_batch_size": 2, "max_steps": 3, "learning_rate": 1e-3, "output_dir": "out", **keys}
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to load the model fails the test: the error must come first."""
+    def refuse(*a, **kw):
+        raise AssertionError("weights were loaded before the config error was reported")
+
+    monkeypatch.setattr("magistune.model.build_model", refuse)
+
+
+def train_rc(path: Path, capsys) -> tuple[int, str]:
+    rc = cli.main(["train", str(path)])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"datasets": [{"path": "missing.jsonl"}]}, "datasets[0].path: missing.jsonl: dataset file not found"),
+    ({"base_model": "./no-such-model"}, "model folder not found"),
+    ({"resume_from_checkpoint": "checkpoint-9"}, "resume_from_checkpoint:"),
+    ({"tokenizer_path": "nope/tekken.json"}, "tokenizer_path:"),
+    ({"adapter": "qlora", "lora_target_linear": True}, "adapter: qlora needs load_in_4bit: true"),
+    ({"warmup_steps": 2, "warmup_ratio": 0.1}, "set warmup_steps or warmup_ratio, not both"),
+    ({"lora_model_dir": "adapter"}, "lora_model_dir: continues training a saved adapter"),
+    ({"optimizer": "adamw_9bit"}, "optimizer:"),
+])
+def test_bad_config_fails_before_weights_load(make, capsys, no_weights, keys, message):
+    rc, err = train_rc(make(**keys), capsys)
+    assert rc == 2
+    assert message in err
+
+
+def test_unwritable_output_dir(make, capsys, no_weights, tmp_path):
+    (tmp_path / "blocked").write_text("a file where the output folder should be")
+    rc, err = train_rc(make(output_dir="blocked/run"), capsys)
+    assert rc == 2 and "output_dir:" in err and "not writable" in err
+
+
+def test_paged_optimizer_on_cpu_is_a_note_not_an_error(make):
+    cfg, _ = load_config(make(optimizer="paged_adamw_8bit"))
+    assert any("paged_adamw_8bit" in n and "only on CUDA" in n for n in preflight(cfg).notes)
+
+
+def failing_loss(monkeypatch, at_call: int, failure):
+    """The loss function of the run fails at its `at_call`-th call (one call per step: accumulation 1, no eval)."""
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        value = token_loss_sum(model, batch)
+        return failure(value) if calls["n"] == at_call else value
+
+    monkeypatch.setattr("magistune.train.recipe.loss_fn_for", lambda cfg: loss)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make, capsys, monkeypatch, fast_tokenizer):
+    failing_loss(monkeypatch, 3, lambda v: v * float("nan"))
+    path = make(max_steps=5, save_steps=2)
+    rc, err = train_rc(path, capsys)
+    out = path.parent / "out"
+    assert rc == 1
+    assert "loss is nan at step 3" in err and "checkpoint-2" in err
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert not (out / "model.safetensors").exists()  # no final model from a failed run
+
+
+def test_out_of_memory_is_explained(make, capsys, monkeypatch, fast_tokenizer):
+    def oom(_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    failing_loss(monkeypatch, 2, oom)
+    rc, err = train_rc(make(micro_batch_size=2, gradient_accumulation_steps=1), capsys)
+    assert rc == 1
+    assert "out of memory at step 2" in err
+    for option in ("micro_batch_size: 1 with gradient_accumulation_steps: 2", "gradient_checkpointing: true",
+                   "adapter: qlora", "sequence_len"):
+        assert option in err
+
+
+@pytest.mark.slow
+def test_overfits_a_few_samples(make, capsys, fast_tokenizer):
+    """Full fine-tuning memorises 4 conversations: the loss falls by at least 90%."""
+    path = make(micro_batch_size=4, max_steps=25, learning_rate=1.5e-2, optimizer="adamw_torch_fused",
+                lr_scheduler="constant", warmup_steps=2)
+    rc, err = train_rc(path, capsys)
+    assert rc == 0, err
+    losses = [r["loss"] for r in map(json.loads, (path.parent / "out" / "metrics.jsonl").read_text().splitlines())]
+    assert len(losses) == 25
+    assert losses[-1] <= 0.1 * losses[0], losses
+
+
+def test_full_fine_tune_resumes_exactly(make, capsys, fast_tokenizer):
+    """A full run that 'died' after checkpoint-2 (its later checkpoint and outputs removed, its later metric rows
+    left in place) and is resumed gives the uninterrupted run's losses; the model comes from checkpoint-2."""
+    import shutil
+
+    path = make(max_steps=4, save_steps=2, learning_rate=5e-3, weight_decay=0.01, val_set_size=1, eval_steps=3)
+    assert train_rc(path, capsys)[0] == 0
+    out = path.parent / "out"
+    reference = (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "model.safetensors").unlink()
+
+    rc, err = train_rc(make(max_steps=4, save_steps=2, learning_rate=5e-3, weight_decay=0.01, val_set_size=1,
+                            eval_steps=3, resume_from_checkpoint="auto"), capsys)
+    assert rc == 0, err
+    assert "resumed at step 2 of 4" in err
+    ref = [json.loads(line) for line in reference.splitlines()]
+    got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in ref]
+    for a, b in zip(ref, got):
+        for key in ("loss", "eval_loss", "lr", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
