@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,13 +37,52 @@ def config_for(args) -> "object":
 
 
 def model_config(args):
-    from magistune.model.tiny import magistral_small_config, tiny_text_config
+    from magistune.model.tiny import magistral_small_config, magistral_small_vision_config, tiny_text_config, tiny_vision_config
 
+    if args.vision:
+        if args.tiny:
+            return tiny_vision_config()
+        config = magistral_small_vision_config()
+        config.text_config.num_hidden_layers = args.layers
+        return config
     if args.tiny:
         return tiny_text_config()
     config = magistral_small_config()
     config.num_hidden_layers = args.layers
     return config
+
+
+def vision_batch(args):
+    """One image conversation through the real data pipeline: a random args.image_px² image in the user turn,
+    an assistant answer that fills the sequence; only the answer is trained (image and prompt masked)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from magistune.data.encode import ConversationEncoder
+    from magistune.data.records import RecordOptions
+    from magistune.data.sample import Sample
+    from magistune.tokenizer import SpecialIds, load_tokenizer, tiny_tokenizer_path
+    from magistune.train.batches import collate
+
+    tok = load_tokenizer(tiny_tokenizer_path())  # v13 Tekken with 2509's image settings (patch 14, merge 2)
+    buf = io.BytesIO()
+    px = np.random.default_rng(0).integers(0, 255, (args.image_px, args.image_px, 3), dtype=np.uint8)
+    Image.fromarray(px).save(buf, format="PNG")
+    image = Path(tempfile.mkdtemp()) / "img.png"
+    image.write_bytes(buf.getvalue())
+    enc = ConversationEncoder(tok)
+    answer = "word " * args.seq
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "path": str(image)},
+                                                        {"type": "text", "text": "Describe the image."}]},
+                           {"role": "assistant", "content": answer}]}
+    from magistune.data.images import ImageOptions
+    from magistune.data.records import parse_record
+
+    ids, labels, images = enc.encode(parse_record(record, RecordOptions(supports_images=True, images=ImageOptions())))
+    sample = Sample(ids[:args.seq], labels[:args.seq], "bench", images)
+    return collate([sample] * args.mbs, SpecialIds.of(tok).pad, tok.instruct_tokenizer.image_encoder)
 
 
 def main() -> None:
@@ -54,6 +95,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--tiny", action="store_true", help="the tiny model on CPU: a smoke test of this script")
+    p.add_argument("--vision", action="store_true", help="Magistral Small 2509 (Mistral3) on image conversations")
+    p.add_argument("--image-px", type=int, default=1024, help="--vision: the image's side in pixels")
     p.add_argument("--out", default="bench_train_step.jsonl")
     args = p.parse_args()
 
@@ -70,7 +113,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model, info = random_model(model_config(args), cfg, device)
     build_s = time.perf_counter() - t0
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
 
     if args.side == "magistune":
@@ -87,7 +130,11 @@ def main() -> None:
     optimizer = build_optimizer(model, cfg, device)
     gen = torch.Generator().manual_seed(0)
 
+    fixed = vision_batch(args) if args.vision else None
+
     def micro_batch() -> Batch:
+        if fixed is not None:
+            return fixed
         ids = torch.randint(1000, vocab, (args.mbs, args.seq), generator=gen)
         return Batch(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids), sources=["random"] * args.mbs)
 
@@ -126,9 +173,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    tokens = args.steps * args.accum * args.mbs * args.seq
+    tokens = args.steps * args.accum * (fixed.n_tokens if fixed is not None else args.mbs * args.seq)
     row = {
-        "side": args.side, "seq": args.seq, "mbs": args.mbs, "accum": args.accum, "layers": args.layers,
+        "side": args.side + ("-vision" if args.vision else ""), "image_px": args.image_px if args.vision else None, "seq": args.seq, "mbs": args.mbs, "accum": args.accum, "layers": args.layers,
         "steps": args.steps, "tokens_per_s": round(tokens / seconds, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "weights_gib": round(info.weight_bytes / 2**30, 2), "build_s": round(build_s, 1),

@@ -346,3 +346,15 @@ def test_zero_is_not_an_empty_value_for_unsupported_keys():
 
     with _pytest.raises(ConfigError, match="deepspeed"):
         parse_config({"base_model": "tiny-random", "datasets": [{"path": "d.jsonl"}], "deepspeed": 0})
+
+
+def test_every_config_key_is_documented():
+    """docs/config.md documents every key of the schema (top level and datasets[])."""
+    from pathlib import Path
+
+    from magistune.config import Config, DatasetConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    keys = [k for k in Config.model_fields if k != "config_dir"] + list(DatasetConfig.model_fields)
+    missing = [k for k in keys if f"`{k}`" not in doc]
+    assert not missing, f"undocumented config keys: {missing}"

@@ -83,6 +83,8 @@ class Config(_Strict):
     peft_use_dora: bool = False
     peft_use_rslora: bool = False
     unfrozen_parameters: list[str] | None = None
+    train_vision_tower: bool = False  # Magistral 2509: the Pixtral tower stays frozen unless asked
+    train_projector: bool = False  # … and so does the multimodal projector
     bf16: bool | Literal["auto"] = "auto"
     fp16: bool = False
     tf32: bool = False

@@ -52,7 +52,7 @@ def evaluate_loaded(loaded: Loaded, samples: list, batch_size: int) -> dict:
     from magistune.train.batches import eval_batches
     from magistune.train.loss import evaluate, token_loss_sum
 
-    batches = eval_batches(samples, batch_size, loaded.special.pad)
+    batches = eval_batches(samples, batch_size, loaded.special.pad, loaded.tokenizer.instruct_tokenizer.image_encoder)
     result = evaluate(loaded.model, batches, token_loss_sum, loaded.autocast, loaded.device)
     return {
         "loss": result.loss,

@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 
 from magistune.config import Config
-from magistune.model.adapt import apply_lora, enable_checkpointing, load_adapter, lora_target_regex, save_trained
+from magistune.model.adapt import (
+    apply_lora, enable_checkpointing, freeze_vision, load_adapter, lora_target_regex, save_trained,
+)
 from magistune.model.load import (
     ModelError,
     ModelInfo,
@@ -45,8 +47,10 @@ def build_model(cfg: Config, device: torch.device, tokenizer=None) -> tuple[nn.M
         model = load_adapter(model, cfg.resolve(cfg.lora_model_dir), is_trainable=True)
     elif cfg.adapter:
         model = apply_lora(model, cfg)
-    elif cfg.gradient_checkpointing:
-        enable_checkpointing(model)
+    else:
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        freeze_vision(model, cfg)
     return model, model_info(model), model_dir
 
 

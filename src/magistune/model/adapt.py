@@ -29,7 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from magistune.config import Config
 from magistune.model.load import ModelError
-from magistune.model.parts import decoder_prefix, in_decoder
+from magistune.model.parts import decoder_prefix, in_decoder, vision_parts
 
 # Module types LoRA can wrap (bitsandbytes' Linear4bit is an nn.Linear).
 LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv2d)
@@ -90,6 +90,25 @@ def _examples(names: list[str], prefix: str) -> str:
     return f"modules LoRA can wrap include {inside + outside}"
 
 
+def vision_modules_to_train(model: nn.Module, cfg: Config) -> list[str]:
+    """The vision tower and/or projector names that train_vision_tower / train_projector unfreeze."""
+    parts = vision_parts(model)
+    wanted = [parts[k] for k, on in (("vision_tower", cfg.train_vision_tower), ("projector", cfg.train_projector)) if on]
+    if (cfg.train_vision_tower or cfg.train_projector) and not parts:
+        raise ModelError("train_vision_tower / train_projector: this model has no vision tower (not Mistral3)")
+    return wanted
+
+
+def freeze_vision(model: nn.Module, cfg: Config) -> None:
+    """Full fine-tuning of Mistral3: the vision tower and projector stay frozen unless the config asks."""
+    parts = vision_parts(model)
+    unfreeze = set(vision_modules_to_train(model, cfg))
+    for name in parts.values():
+        if name not in unfreeze:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad = False
+
+
 def apply_lora(model: nn.Module, cfg: Config) -> PeftModel:
     """Wrap `model` in LoRA adapters as cfg says (lora_r, lora_alpha, ...); only the adapters train."""
     if cfg.gradient_checkpointing:
@@ -101,6 +120,7 @@ def apply_lora(model: nn.Module, cfg: Config) -> PeftModel:
         use_dora=cfg.peft_use_dora,
         use_rslora=cfg.peft_use_rslora,
         target_modules=lora_target_regex(model, cfg),
+        modules_to_save=vision_modules_to_train(model, cfg) or None,  # trained in full, saved with the adapter
         bias="none",
         task_type="CAUSAL_LM",
     )

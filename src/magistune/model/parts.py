@@ -73,3 +73,17 @@ def outside_decoder(model: nn.Module) -> list[str]:
 
 def in_decoder(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def vision_parts(model: nn.Module) -> dict[str, str]:
+    """{"vision_tower": name, "projector": name} of a Mistral3 model (found by class); {} for a text model."""
+    from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+    from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
+
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PixtralVisionModel):
+            found.setdefault("vision_tower", name)
+        elif isinstance(m, Mistral3MultiModalProjector):
+            found.setdefault("projector", name)
+    return found

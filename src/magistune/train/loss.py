@@ -77,7 +77,10 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     Position t predicts token t+1: hidden[:, :-1] is scored against labels[:, 1:].
     """
     body, head = decoder_and_head(model)
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    inputs = batch.model_inputs()
+    if "pixel_values" in inputs:  # the vision tower's dtype (bf16 or fp32), as the HF processor would hand it
+        inputs["pixel_values"] = inputs["pixel_values"].to(body.get_input_embeddings().weight.dtype)
+    hidden = body(**inputs, use_cache=False).last_hidden_state
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
     return chunked_ce_sum(head, hidden[:, :-1][keep], targets[keep])

@@ -148,7 +148,8 @@ def _train(cfg: Config) -> int:
     save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
     if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
         say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
-    evals = eval_batches(data.eval, mbs, pad_id)
+    image_encoder = tokenizer.instruct_tokenizer.image_encoder  # None without an image config
+    evals = lambda: eval_batches(data.eval, mbs, pad_id, image_encoder)  # noqa: E731 (collated anew: images are big)
     loss_fn, autocast = loss_fn_for(cfg), autocast_for(device, dtype)
 
     # --- resume -------------------------------------------------------------------------------------------
@@ -173,13 +174,13 @@ def _train(cfg: Config) -> int:
         log.message(f"saved {path}")
 
     def run_eval() -> None:
-        result = evaluate(model, evals, loss_fn, autocast, device)
+        result = evaluate(model, evals(), loss_fn, autocast, device)
         log.log_eval(step, result.loss, result.n_trained)
 
     log = MetricsLogger(out, step, total, show_progress=sys.stderr.isatty())
     stop = StopFlag()
     stop.install()
-    stream = iter(StepStream(data.train, mbs, accum, pad_id, cfg.seed, start=position))
+    stream = iter(StepStream(data.train, mbs, accum, pad_id, cfg.seed, start=position, image_encoder=image_encoder))
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf  # inf: measure only
     longest, run_seconds, run_steps = 0, 0.0, 0  # this process's steps, for the ETA
@@ -231,7 +232,7 @@ def _train(cfg: Config) -> int:
             if stop.signum is not None:
                 raise Interrupted
         # --- the end --------------------------------------------------------------------------------------
-        if evals:
+        if data.eval:
             run_eval()
     except Interrupted:
         if step > 0 and not ckpt.is_complete(out / f"{ckpt.PREFIX}{step}"):
