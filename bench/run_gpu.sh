@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU host (see README "GPU host"): installs the carried wheels, smoke-trains the tiny model through
 # the CLI on CUDA, then times each configuration of bench/train_step.py in its own process.
-# Usage: bash bench/run_gpu.sh OUT_DIR "side:seq:mbs:accum[:layers] ..."
+# Usage: bash bench/run_gpu.sh OUT_DIR "side:seq:mbs:accum[:layers[:vision]] ..."
 set -uo pipefail
 out=${1:?out dir}; shift
 runs=${1:-"magistune:2048:2:4 reference:2048:2:4"}
@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -c "import torch, transformers, peft, bitsandbytes as b; print(torch.__version__, transformers.__version__, peft.__version__, b.__version__, torch.cuda.get_device_name())"
 for r in $runs; do
-  IFS=: read -r side seq mbs accum layers <<<"$r"
+  IFS=: read -r side seq mbs accum layers flag <<<"$r"
   python3 bench/train_step.py --side "$side" --seq "$seq" --mbs "$mbs" --accum "$accum" --layers "${layers:-40}" \
-    --out "$out/train_step.jsonl" 2>&1 | grep -v -i warn | tail -3
+    ${flag:+--$flag} --out "$out/train_step.jsonl" 2>&1 | grep -v -i warn | tail -3
 done
