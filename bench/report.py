@@ -16,8 +16,12 @@ def table(rows: list[dict]) -> str:
             "peak = torch.cuda.max_memory_allocated.\n\n")
     lines = ["| side | seq | micro-batch × accum | tok/s | peak GiB |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['side']} | {r['seq']} | {r['mbs']} × {r['accum']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
-    return head + "\n".join(lines) + "\n"
+        side = r["side"] + (f" ({r['image_px']}² image)" if r.get("image_px") else "")
+        lines.append(f"| {side} | {r['seq']} | {r['mbs']} × {r['accum']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+    notes = ("\n*-vision*: Magistral Small 2509 shapes (Mistral3: 24-layer Pixtral tower, hidden 1024, kept in bf16 and "
+             "frozen; projector; the 40-layer decoder in NF4), one image conversation through magistune's data pipeline "
+             "(the image's 1,369 [IMG] tokens + 37 row ends, the rest answer text); only the answer is trained.\n")
+    return head + "\n".join(lines) + "\n" + (notes if any(r.get("image_px") for r in rows) else "")
 
 
 if __name__ == "__main__":
