@@ -195,3 +195,12 @@ def test_cache_keeps_image_bytes_and_notices_changes(tmp_path):
     rebuilt = prepare_data(cfg, progress=False)
     assert not rebuilt.from_cache
     assert bytes(rebuilt.train[0].images[0]) == (tmp_path / "0.png").read_bytes()
+
+
+def test_report_states_bytes_per_image(tmp_path, capsys):
+    _png(tmp_path / "0.png", (300, 200))
+    cfg = _vision_config(tmp_path, [_image_record(["0.png"])] * 2)
+    assert validate_data(cfg) == 0
+    size = (tmp_path / "0.png").stat().st_size
+    assert f"images: 2 in kept samples" in (out := capsys.readouterr().out)
+    assert f"{size / 1024:,.1f} KiB per image" in out

@@ -190,6 +190,8 @@ def _split_and_count(samples: list[Sample], cfg: Config, rep: DataReport) -> tup
     rep.kept, rep.train_samples, rep.eval_samples = len(samples), len(train), len(eval_)
     rep.tokens_total = sum(len(s) for s in samples)
     rep.tokens_trained = sum(s.n_trained for s in samples)
+    rep.images = sum(len(s.images) for s in samples)
+    rep.image_bytes = sum(len(img) for s in samples for img in s.images)
     return train, eval_
 
 

@@ -32,6 +32,8 @@ class DataReport:
     train_samples: int = 0
     eval_samples: int = 0
     image_stamps: dict[str, list[int]] = field(default_factory=dict)  # local image file → [size, mtime_ns]
+    images: int = 0  # in kept samples
+    image_bytes: int = 0  # what they take in the cache: the original encoded files
 
     def reject_counts(self) -> Counter:
         return Counter(r.reason for r in self.rejected)
@@ -43,7 +45,8 @@ class DataReport:
             "tokens_total": self.tokens_total, "tokens_trained": self.tokens_trained,
             "rejected": [r.to_json() | {"record": None} for r in self.rejected],
             "dropped": [r.to_json() | {"record": None} for r in self.dropped],
-            "lengths": self.lengths, "image_stamps": self.image_stamps,
+            "lengths": self.lengths, "image_stamps": self.image_stamps, "images": self.images,
+            "image_bytes": self.image_bytes,
         }
 
     @classmethod
@@ -53,6 +56,7 @@ class DataReport:
         rep.rejected = [Rejected(**r) for r in d["rejected"]]
         rep.dropped = [Rejected(**r) for r in d["dropped"]]
         rep.image_stamps = d.get("image_stamps", {})
+        rep.images, rep.image_bytes = d.get("images", 0), d.get("image_bytes", 0)
         return rep
 
 
@@ -99,6 +103,10 @@ def format_report(rep: DataReport, sequence_len: int, max_listed: int = 50) -> s
     out.append(f"kept samples: {rep.kept} (train {rep.train_samples}, eval {rep.eval_samples})")
     share = 100.0 * rep.tokens_trained / rep.tokens_total if rep.tokens_total else 0.0
     out.append(f"tokens: {rep.tokens_total:,} total, {rep.tokens_trained:,} trained ({share:.1f}%)")
+    if rep.images:
+        out.append(f"images: {rep.images:,} in kept samples, {rep.image_bytes / 2**20:,.1f} MiB in the cache "
+                   f"({rep.image_bytes / rep.images / 1024:,.1f} KiB per image: the original files; pixels are "
+                   "recomputed per batch)")
     out.append("length histogram (tokens per valid sample):")
     out.extend(histogram(rep.lengths, sequence_len))
     return "\n".join(out)
