@@ -57,15 +57,18 @@ def resolve_tokenizer_file(cfg: Config) -> Path:
     return find_tokenizer_file(resolve_model_dir(cfg.base_model, cfg.config_dir))
 
 
-def system_prompt_for(ds: DatasetConfig, cfg: Config) -> str | None:
-    if ds.system_prompt is not None:
-        return ds.system_prompt
+def config_system_prompt(cfg: Config) -> str | None:
+    """The config's system prompt: system_prompt, or system_prompt_file's text (chat and generate use it too)."""
     if cfg.system_prompt_file:
         path = cfg.resolve(cfg.system_prompt_file)
         if not path.is_file():
             raise ConfigError(f"system_prompt_file: {path} not found")
         return path.read_text(encoding="utf-8").strip()
     return cfg.system_prompt
+
+
+def system_prompt_for(ds: DatasetConfig, cfg: Config) -> str | None:
+    return ds.system_prompt if ds.system_prompt is not None else config_system_prompt(cfg)
 
 
 def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, rep: DataReport,

@@ -18,6 +18,7 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from magistune.config import Config, ConfigError
+from magistune.data.build import config_system_prompt  # noqa: F401 (re-exported for the CLI)
 from magistune.data.errors import RecordError
 from magistune.data.images import IMAGE_PARTS
 from magistune.data.records import MESSAGE_KEYS, ROLES
@@ -29,16 +30,6 @@ _TRAINING_ONLY_KEYS = ("weight", "train")  # mean nothing at inference; dropped
 def load_chat_tokenizer(path: str | Path) -> MistralTokenizer:
     """The tokenizer in test (inference) mode: prompts end with the user's turn."""
     return load_tokenizer(path, mode=ValidationMode.test)
-
-
-def config_system_prompt(cfg: Config) -> str | None:
-    """The config's system prompt (system_prompt, or system_prompt_file's text), as training inserts it."""
-    if cfg.system_prompt_file:
-        path = cfg.resolve(cfg.system_prompt_file)
-        if not path.is_file():
-            raise ConfigError(f"system_prompt_file: {path} not found")
-        return path.read_text(encoding="utf-8").strip()
-    return cfg.system_prompt
 
 
 def build_request(messages: Any, tools: Any = None, system_prompt: str | None = None) -> ChatCompletionRequest:
