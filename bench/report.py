@@ -17,11 +17,22 @@ def table(rows: list[dict]) -> str:
     lines = ["| side | seq | micro-batch × accum | tok/s | peak GiB |", "|---|---|---|---|---|"]
     for r in rows:
         side = r["side"] + (f" ({r['image_px']}² image)" if r.get("image_px") else "")
-        lines.append(f"| {side} | {r['seq']} | {r['mbs']} × {r['accum']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+        if r.get("packing"):
+            side += f" packed ({r['packing_efficiency']:.1%} full)"
+        elif r.get("random_lengths"):
+            side += f" random lengths ({r['padding_share']:.0%} padding)"
+        side += "".join(f" +{k}" for k in ("cce", "offload") if r.get(k))
+        side += f" [{r['attn']}]" if r.get("attn", "sdpa") != "sdpa" else ""
+        peak = "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"  # None: a CPU smoke run
+        lines.append(f"| {side} | {r['seq']} | {r['mbs']} × {r['accum']} | {r['tokens_per_s']:,.0f} | {peak} |")
     notes = ("\n*-vision*: Magistral Small 2509 shapes (Mistral3: 24-layer Pixtral tower, hidden 1024, kept in bf16 and "
              "frozen; projector; the 40-layer decoder in NF4), one image conversation through magistune's data pipeline "
              "(the image's 1,369 [IMG] tokens + 37 row ends, the rest answer text); only the answer is trained.\n")
-    return head + "\n".join(lines) + "\n" + (notes if any(r.get("image_px") for r in rows) else "")
+    lengths = ("\n*packed* / *random lengths*: samples of seq/16 … seq/2 tokens (uniform), packed into rows of seq tokens "
+               "(first-fit decreasing, block-diagonal attention) or one per row padded to the longest of the micro-batch; "
+               "tok/s counts real tokens only. *+cce*: Cut Cross Entropy loss; *+offload*: activation offloading.\n")
+    return (head + "\n".join(lines) + "\n" + (notes if any(r.get("image_px") for r in rows) else "")
+            + (lengths if any(r.get("random_lengths") or r.get("cce") or r.get("offload") for r in rows) else ""))
 
 
 if __name__ == "__main__":

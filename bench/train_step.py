@@ -1,6 +1,7 @@
 """One training configuration on real Magistral Small shapes with random weights: tok/s and peak GPU memory.
 
     python bench/train_step.py --side magistune --seq 2048 --mbs 2 --accum 4 [--layers 40] [--steps 3]
+        [--random-lengths | --packing] [--cce] [--offload] [--attn sdpa|flex_attention|flash_attention_2]
 
 Sides (same random NF4 model from magistune.model.random_init, same LoRA r/alpha/dropout/targets, same
 8-bit AdamW, bf16 autocast, non-reentrant gradient checkpointing; every token trained):
@@ -8,6 +9,14 @@ Sides (same random NF4 model from magistune.model.random_init, same LoRA r/alpha
     reference      the stock stack Axolotl runs on: PEFT get_peft_model on bnb Linear4bit, HF loss
                    (model(input_ids, labels=...).loss / accum)
     reference-cce  the same with Cut Cross Entropy's linear_cross_entropy on the last hidden states
+Options of the magistune side (the issue "Throughput and memory"):
+    --random-lengths  samples of random length (seq/16 … seq/2 tokens), one per row, right-padded: what
+                      unpacked training of chat data looks like; tok/s counts real tokens only
+    --packing         the same kind of samples packed into rows of --seq tokens (first-fit decreasing), with
+                      per-sample positions and block-diagonal attention (packing.py); the row records the
+                      packing efficiency
+    --cce             Cut Cross Entropy for the loss (fails if it cannot run, rather than falling back)
+    --offload         activation offloading: the checkpointed layer inputs wait in pinned CPU memory
 One JSON line per run goes to --out (appended). Run each configuration in its own process so that peak
 memory is its own: bench/run_gpu.sh does that, then bench/report.py writes the table.
 """
@@ -32,6 +41,8 @@ def config_for(args) -> "object":
         "adapter": "qlora", "load_in_4bit": True, "lora_r": 32, "lora_alpha": 16, "lora_dropout": 0.05,
         "lora_target_linear": True, "micro_batch_size": args.mbs, "gradient_accumulation_steps": args.accum,
         "optimizer": "adamw_bnb_8bit", "learning_rate": 2e-4, "bf16": True, "gradient_checkpointing": True,
+        "attn_implementation": args.attn, "sample_packing": args.packing, "cut_cross_entropy": args.cce,
+        "activation_offloading": args.offload,
     }
     return parse_config(raw)[0]
 
@@ -85,6 +96,40 @@ def vision_batch(args):
     return collate([sample] * args.mbs, SpecialIds.of(tok).pad, tok.instruct_tokenizer.image_encoder)
 
 
+BATCH_STATS: dict[str, float] = {}
+
+
+def variable_length_batches(args, vocab: int, n_micro: int, gen: torch.Generator):
+    """n_micro micro-batches of random-length samples (uniform in seq/16 … seq/2 tokens, every token but the
+    first trained): --packing packs them into rows of args.seq (args.mbs rows per micro-batch), --random-lengths
+    pads args.mbs samples per micro-batch. BATCH_STATS gets the packing efficiency or the padding share."""
+    from magistune.data.sample import IGNORE_INDEX, Sample
+    from magistune.train.batches import collate, collate_packed
+    from magistune.train.packing import pack_samples
+
+    def sample(i: int) -> Sample:
+        n = int(torch.randint(max(2, args.seq // 16), args.seq // 2 + 1, (1,), generator=gen))
+        ids = torch.randint(1000, vocab, (n,), generator=gen).tolist()
+        return Sample(ids, [IGNORE_INDEX] + ids[1:], f"random:{i}")
+
+    if not args.packing:
+        batches = [collate([sample(i * args.mbs + j) for j in range(args.mbs)], 11) for i in range(n_micro)]
+        slots = sum(b.input_ids.numel() for b in batches)
+        BATCH_STATS["padding"] = 1 - sum(b.n_tokens for b in batches) / slots
+        return batches
+    rows_needed, samples = n_micro * args.mbs, []
+    while True:  # ~10% more tokens than the rows hold, so that the rows used are full ones
+        samples += [sample(len(samples) + k) for k in range(64)]
+        packing = pack_samples(samples, args.seq, seed=0)
+        if len(packing.packs) > rows_needed * 1.1:
+            break
+    rows = sorted(packing.packs, key=lambda p: -sum(len(samples[i]) for i in p))[:rows_needed]  # the first-fit rows
+    used = sum(len(samples[i]) for p in rows for i in p)
+    BATCH_STATS["efficiency"] = used / (rows_needed * args.seq)
+    return [collate_packed([[samples[i] for i in p] for p in rows[k * args.mbs:(k + 1) * args.mbs]], 11)
+            for k in range(n_micro)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--side", choices=["magistune", "reference", "reference-cce"], required=True)
@@ -97,13 +142,22 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny model on CPU: a smoke test of this script")
     p.add_argument("--vision", action="store_true", help="Magistral Small 2509 (Mistral3) on image conversations")
     p.add_argument("--image-px", type=int, default=1024, help="--vision: the image's side in pixels")
+    p.add_argument("--random-lengths", action="store_true", help="random-length samples, padded per micro-batch")
+    p.add_argument("--packing", action="store_true", help="random-length samples packed into rows of --seq")
+    p.add_argument("--cce", action="store_true", help="Cut Cross Entropy (magistune side)")
+    p.add_argument("--offload", action="store_true", help="activation offloading (magistune side)")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flex_attention, flash_attention_2, eager")
     p.add_argument("--out", default="bench_train_step.jsonl")
     args = p.parse_args()
+    if (args.packing or args.random_lengths or args.cce or args.offload) and args.side != "magistune":
+        p.error("--packing, --random-lengths, --cce and --offload are options of --side magistune")
+    if args.vision and (args.packing or args.random_lengths):
+        p.error("--vision uses one fixed image conversation; it does not combine with --packing/--random-lengths")
 
     from magistune.model.adapt import apply_lora, enable_checkpointing
     from magistune.model.random_init import random_model
     from magistune.train.batches import Batch
-    from magistune.train.loss import forward_backward, token_loss_sum
+    from magistune.train.loss import cce_unusable, decoder_and_head, forward_backward, loss_fn_for
     from magistune.train.optim import build_optimizer
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -131,10 +185,19 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
 
     fixed = vision_batch(args) if args.vision else None
+    loss_fn = loss_fn_for(cfg)
+    if args.cce:  # measure CCE or nothing: no silent fallback to the chunked loss
+        why = cce_unusable(decoder_and_head(model)[1], torch.zeros(1, 8, device=device))
+        if why and not args.tiny:  # --tiny (CPU smoke test) runs the chunked fallback after a note
+            raise SystemExit(f"--cce: {why}")
+    n_micro = (args.warmup + args.steps) * args.accum
+    pool = iter(variable_length_batches(args, vocab, n_micro, gen)) if args.packing or args.random_lengths else None
 
     def micro_batch() -> Batch:
         if fixed is not None:
             return fixed
+        if pool is not None:
+            return next(pool)
         ids = torch.randint(1000, vocab, (args.mbs, args.seq), generator=gen)
         return Batch(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids), sources=["random"] * args.mbs)
 
@@ -155,15 +218,18 @@ def main() -> None:
     def step() -> None:
         micro = [micro_batch() for _ in range(args.accum)]
         if args.side == "magistune":
-            forward_backward(model, micro, token_loss_sum, autocast or __import__("contextlib").nullcontext, device)
+            counted.append(forward_backward(model, micro, loss_fn, autocast or __import__("contextlib").nullcontext,
+                                            device).n_tokens)
         else:
             reference_step(micro)
         torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    counted: list[int] = []  # real tokens of each magistune step (padding excluded)
     for _ in range(args.warmup):
         step()
+    counted.clear()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -174,8 +240,14 @@ def main() -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     tokens = args.steps * args.accum * (fixed.n_tokens if fixed is not None else args.mbs * args.seq)
+    if counted:
+        tokens = sum(counted)
     row = {
         "side": args.side + ("-vision" if args.vision else ""), "image_px": args.image_px if args.vision else None, "seq": args.seq, "mbs": args.mbs, "accum": args.accum, "layers": args.layers,
+        "attn": args.attn, "packing": args.packing, "random_lengths": args.random_lengths or args.packing,
+        "packing_efficiency": round(BATCH_STATS["efficiency"], 4) if args.packing else None,
+        "padding_share": round(BATCH_STATS["padding"], 4) if args.random_lengths and not args.packing else None,
+        "cce": args.cce, "offload": args.offload,
         "steps": args.steps, "tokens_per_s": round(tokens / seconds, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "weights_gib": round(info.weight_bytes / 2**30, 2), "build_s": round(build_s, 1),

@@ -77,9 +77,9 @@ def test_bad_config_exits_2(tmp_path, write_config, capsys):
 
 def test_notes_go_to_stderr(tmp_path, write_jsonl, write_config, capsys):
     write_jsonl(tmp_path / "data.jsonl", GOOD)
-    assert main(["validate-data", str(write_config(sample_packing=True, wandb_project=None))]) == 0
+    assert main(["validate-data", str(write_config(activation_offloading=True, wandb_project=None))]) == 0
     err = capsys.readouterr().err
-    assert "note: sample_packing: accepted, not active yet" in err
+    assert "note: activation_offloading: turns gradient_checkpointing on" in err
     assert "note: wandb_project: ignored" in err
 
 

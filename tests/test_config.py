@@ -178,8 +178,8 @@ def test_axolotl_magistral_qlora_example(tmp_path):
     # paths resolve against the config file's folder
     assert cfg.prepared_dir == tmp_path / "last_run_prepared"
     assert cfg.out_dir == tmp_path / "outputs" / "lora-out"
-    # packing is accepted but reported as not active; empty wandb keys are ignored with a note
-    assert any(n.startswith("sample_packing:") and "not active yet" in n for n in notes), notes
+    # packing is active (no "not active yet" note); empty wandb keys are ignored with a note
+    assert cfg.sample_packing and not any("not active yet" in n for n in notes), notes
     for key in ("wandb_project", "wandb_entity", "wandb_watch", "wandb_name", "wandb_log_model"):
         assert any(n.startswith(f"{key}: ignored") for n in notes), notes
 
@@ -189,9 +189,8 @@ def test_axolotl_magistral_think_example(tmp_path):
     assert cfg.base_model == "mistralai/Magistral-Small-2507"
     assert cfg.attn_implementation == "flash_attention_2"
     assert cfg.val_set_size == 0
-    assert cfg.use_cce and not cfg.cut_cross_entropy
-    assert any("Cut Cross Entropy" in n and "not active yet" in n for n in notes), notes
-    assert any(n.startswith("sample_packing:") and "not active yet" in n for n in notes), notes
+    assert cfg.use_cce and not cfg.cut_cross_entropy  # the plugin line alone turns CCE on
+    assert cfg.sample_packing and not any("not active yet" in n for n in notes), notes
 
 
 def test_minimal_config_defaults(tmp_path):
@@ -249,7 +248,7 @@ def test_every_error_is_listed(tmp_path):
     ("wandb_project: foo", "wandb_project"),
     ("hub_model_id: me/my-model", "hub_model_id"),
     ("chat_template: chatml", "chat_template"),
-    ("fsdp: [full_shard]", "fsdp"),
+    ("torch_compile: true", "torch_compile"),
     ("rl: dpo", "rl"),
 ])
 def test_unimplemented_axolotl_key_with_a_value(tmp_path, line, key):
@@ -257,7 +256,7 @@ def test_unimplemented_axolotl_key_with_a_value(tmp_path, line, key):
     assert f"{key}: Axolotl's key is not implemented in magistune" in msg
 
 
-@pytest.mark.parametrize("line", ["deepspeed:", "wandb_project:", "wandb_project: ''", "fsdp: []", "hub_model_id: null"])
+@pytest.mark.parametrize("line", ["deepspeed:", "wandb_project:", "wandb_project: ''", "torch_compile: false", "hub_model_id: null"])
 def test_unimplemented_axolotl_key_empty_is_accepted(tmp_path, line):
     cfg, notes = _load(tmp_path, f"base_model: tiny-random\ndatasets: [{{path: data.jsonl}}]\n{line}\n")
     key = line.split(":")[0]
@@ -271,10 +270,18 @@ def test_noop_keys_are_accepted_with_a_note(tmp_path):
     assert any(n.startswith("save_safetensors: ignored") for n in notes)
 
 
-def test_cut_cross_entropy_key_note(tmp_path):
+def test_cut_cross_entropy_key_is_active(tmp_path):
     cfg, notes = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\ncut_cross_entropy: true\n")
-    assert cfg.use_cce
-    assert any(n.startswith("cut_cross_entropy:") and "not active yet" in n for n in notes)
+    assert cfg.use_cce and notes == []
+
+
+def test_activation_offloading_turns_checkpointing_on(tmp_path):
+    cfg, notes = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\nactivation_offloading: true\n")
+    assert cfg.activation_offloading and cfg.gradient_checkpointing
+    assert any(n.startswith("activation_offloading: turns gradient_checkpointing on") for n in notes), notes
+    cfg, notes = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\nactivation_offloading: true\n"
+                                 "gradient_checkpointing: true\n")
+    assert cfg.gradient_checkpointing and notes == []
 
 
 @pytest.mark.parametrize("line,key", [

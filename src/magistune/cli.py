@@ -1,4 +1,5 @@
-"""`magistune` command line: validate-data, preprocess, train, chat, generate, evaluate, merge, export, config-schema."""
+"""`magistune` command line: validate-data, preprocess, train, consolidate, chat, generate, evaluate, merge, export,
+config-schema."""
 
 from __future__ import annotations
 
@@ -29,9 +30,45 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return _launch_torchrun(args)
     from magistune.train.recipe import train
 
     return train(_load(args.config))
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """`train CONFIG --nproc N`: this process becomes `torchrun --standalone --nproc-per-node N -m magistune train
+    CONFIG` (one machine; several machines: run torchrun yourself, docs/multi-gpu.md)."""
+    import os
+
+    from magistune.train.distributed import launch_command, torchrun_env
+
+    if args.nproc < 1:
+        raise ConfigError("--nproc must be >= 1")
+    if torchrun_env() is not None:
+        raise ConfigError("--nproc: this process was already started by torchrun; drop --nproc")
+    _load(args.config)  # a bad config fails here, before N processes start
+    command = launch_command(args.config, args.nproc)
+    print(f"launching: torchrun --standalone --nproc-per-node {args.nproc} -m magistune train {args.config}",
+          file=sys.stderr, flush=True)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from magistune.train.checkpoint import CheckpointError
+    from magistune.train.dist_checkpoint import consolidate
+
+    try:
+        what = consolidate(Path(args.checkpoint), Path(args.output))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {what}")
+    return 0
 
 
 # --- using the trained model ---------------------------------------------------------------------------
@@ -242,7 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="fine-tune as the config says")
     s.add_argument("config")
+    s.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N GPUs of this machine (runs torchrun --standalone --nproc-per-node N; with "
+                        "fsdp: true or ddp: true in the config, docs/multi-gpu.md)")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("consolidate", help="a sharded multi-GPU checkpoint → an adapter or model folder")
+    s.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    s.add_argument("--output", required=True, metavar="DIR")
+    s.set_defaults(func=cmd_consolidate)
 
     s = sub.add_parser("chat", help="chat with the trained model in the terminal (tokens stream as generated)",
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from magistune.config_compat import ACCEPTED_NOOP_KEYS, LATER_ISSUE_KEYS, UNSUPPORTED_AXOLOTL_KEYS
+from magistune.config_compat import (
+    ACCEPTED_NOOP_KEYS, LATER_ISSUE_KEYS, UNSUPPORTED_AXOLOTL_KEYS, normalise_axolotl_fsdp,
+)
 
 
 class ConfigError(ValueError):
@@ -89,6 +91,7 @@ class Config(_Strict):
     fp16: bool = False
     tf32: bool = False
     gradient_checkpointing: bool = False
+    activation_offloading: bool = False  # checkpointed layer inputs wait in CPU memory (turns checkpointing on)
 
     # --- optimisation --------------------------------------------------------------------------
     micro_batch_size: int = Field(default=1, ge=1)
@@ -104,9 +107,18 @@ class Config(_Strict):
     max_grad_norm: float | None = Field(default=1.0)
     seed: int = 42
 
-    # --- loss and throughput (the throughput issue makes these active) -------------------------
-    cut_cross_entropy: bool = False
+    # --- loss and throughput ------------------------------------------------------------------
+    cut_cross_entropy: bool = False  # Cut Cross Entropy on CUDA when installed, else the chunked loss
     plugins: list[str] | None = None
+
+    # --- multi-GPU: torchrun, one process per GPU (docs/multi-gpu.md) --------------------------
+    fsdp: bool = False  # FSDP2: weights, gradients and optimizer state sharded over the GPUs (Axolotl's list form too)
+    fsdp_cpu_offload: bool = False  # the shards (and the optimizer step) live in CPU memory
+    fsdp_reshard_after_forward: bool = True  # free gathered layers after forward (False: keep them until backward)
+    fsdp_version: Literal[1, 2] = 2  # Axolotl's key; magistune always runs FSDP2
+    fsdp_config: dict[str, Any] | None = None  # Axolotl's FSDP settings, mapped onto the keys above
+    ddp: bool = False  # DistributedDataParallel: a whole model on every GPU (small models, LoRA)
+    ddp_timeout: int = Field(default=1800, ge=1)  # seconds a collective may wait for the other ranks
 
     # --- evaluation, checkpoints, logging ------------------------------------------------------
     eval_steps: int | None = Field(default=None, ge=1)
@@ -131,6 +143,11 @@ class Config(_Strict):
                 raise ValueError(f"not a valid regular expression: {e}") from None
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _axolotl_fsdp(cls, data: Any) -> Any:
+        return normalise_axolotl_fsdp(dict(data)) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         if self.adapter == "qlora" and not self.load_in_4bit:
@@ -153,8 +170,21 @@ class Config(_Strict):
             raise ValueError("set system_prompt or system_prompt_file, not both")
         if self.unfrozen_parameters and self.adapter:
             raise ValueError("unfrozen_parameters limits a full fine-tune; remove it or remove adapter")
+        if self.fsdp and self.ddp:
+            raise ValueError("set fsdp (shard the model over the GPUs) or ddp (a copy on each GPU), not both")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ValueError("fsdp_cpu_offload offloads FSDP's shards; it needs fsdp: true")
+        if self.fsdp and self.optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+            raise ValueError(f"optimizer: {self.optimizer} cannot update FSDP's sharded (DTensor) parameters; use "
+                             "adamw_torch or adamw_torch_fused (the AdamW state is sharded over the GPUs as well), "
+                             "or ddp: true")
+        if self.fsdp and (self.train_vision_tower or self.train_projector):
+            raise ValueError("fsdp cannot train the vision tower or projector (a micro-batch without images leaves "
+                             "them without gradients on that GPU); use ddp: true, or train the language model only")
         if self.resume_from_checkpoint == "":
             self.resume_from_checkpoint = None
+        if self.activation_offloading and not self.gradient_checkpointing:
+            self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
         return self
 
     # --- derived values ------------------------------------------------------------------------
@@ -230,8 +260,11 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path
     for key, issue in LATER_ISSUE_KEYS.items():
         if getattr(cfg, key, None):
             notes.append(f"{key}: accepted, not active yet ({issue})")
-    if cfg.use_cce and not cfg.cut_cross_entropy:
-        notes.append("plugins: Cut Cross Entropy accepted, not active yet (throughput issue)")
+    if raw.get("activation_offloading") and not raw.get("gradient_checkpointing"):
+        notes.append("activation_offloading: turns gradient_checkpointing on (the checkpointed layer inputs are "
+                     "what it offloads)")
+    if cfg.fsdp_version == 1:
+        notes.append("fsdp_version: 1: magistune runs FSDP2 (fully_shard); the FSDP1 settings are mapped onto it")
     return cfg, notes
 
 

@@ -30,10 +30,6 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "hub_strategy": "pushing to the Hugging Face Hub is not built in (no hub access)",
     "push_dataset_to_hub": "pushing to the Hugging Face Hub is not built in (no hub access)",
     "deepspeed": "DeepSpeed is not supported; multi-GPU uses FSDP2 through torchrun",
-    "fsdp": "multi-GPU (FSDP2) is not implemented yet",
-    "fsdp_config": "multi-GPU (FSDP2) is not implemented yet",
-    "fsdp_version": "multi-GPU (FSDP2) is not implemented yet",
-    "ddp_timeout": "multi-GPU is not implemented yet",
     "chat_template": "magistune tokenises with mistral-common only; chat templates are not used",
     "chat_template_jinja": "magistune tokenises with mistral-common only; chat templates are not used",
     "special_tokens": "special tokens come from the tokenizer file (tekken.json)",
@@ -64,11 +60,72 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "liger_glu_activation": "Liger kernels are not active yet",
     "liger_fused_linear_cross_entropy": "Liger kernels are not active yet",
     "unsloth_lora_mlp": "Unsloth kernels are not supported",
-    "activation_offloading": "activation offloading is not active yet",
 }
 
 # Keys whose feature arrives with a later issue: accepted and reported as "not active yet".
-LATER_ISSUE_KEYS: dict[str, str] = {
-    "sample_packing": "the throughput issue adds packing",
-    "cut_cross_entropy": "the throughput issue adds the memory-efficient loss",
+LATER_ISSUE_KEYS: dict[str, str] = {}
+
+
+# Axolotl's FSDP settings → magistune's keys (docs/multi-gpu.md). Axolotl spells them as `fsdp: [full_shard,
+# auto_wrap, offload]` (FSDP1 style) or `fsdp_version: 2` + `fsdp_config: {offload_params: …}`, with or without the
+# `fsdp_` prefix inside fsdp_config. magistune always runs FSDP2 with each decoder layer as a unit.
+FSDP_LIST_WORDS = {"full_shard": {}, "auto_wrap": {}, "offload": {"fsdp_cpu_offload": True},
+                   "shard_grad_op": {"fsdp_reshard_after_forward": False}}
+FSDP_CONFIG_KEYS = {  # fsdp_config key (prefix stripped) → magistune key, or None: always so here, accepted
+    "offload_params": "fsdp_cpu_offload",
+    "reshard_after_forward": "fsdp_reshard_after_forward",
+    "activation_checkpointing": "gradient_checkpointing",
+    "version": "fsdp_version",
+    "sharding_strategy": None,  # FULL_SHARD / SHARD_GRAD_OP, mapped below
+    "auto_wrap_policy": None,  # every decoder layer is one FSDP unit
+    "transformer_layer_cls_to_wrap": None,
+    "state_dict_type": None,  # checkpoints are sharded, the final output is consolidated
+    "cpu_ram_efficient_loading": None,  # rank 0 loads, the others receive their shards
+    "sync_module_states": None,
+    "use_orig_params": None,
+    "limit_all_gathers": None,
+    "forward_prefetch": None,
+    "backward_prefetch": None,
 }
+
+
+def normalise_axolotl_fsdp(raw: dict) -> dict:
+    """Axolotl's FSDP keys in `raw` (a config dict) mapped onto fsdp / fsdp_cpu_offload / fsdp_reshard_after_forward.
+    Raises ValueError naming the key for what cannot be mapped."""
+    for key in ("fsdp", "fsdp_config", "fsdp_version", "fsdp_cpu_offload", "fsdp_reshard_after_forward", "ddp",
+                "ddp_timeout"):
+        if key in raw and raw[key] is None:  # `fsdp:` left empty, as in Axolotl's examples: the default
+            del raw[key]
+    derived: dict = {}
+    fsdp = raw.get("fsdp")
+    if isinstance(fsdp, str):
+        fsdp = fsdp.split()
+    if isinstance(fsdp, list):
+        unknown = [w for w in fsdp if w not in FSDP_LIST_WORDS]
+        if unknown:
+            raise ValueError(f"fsdp: {unknown[0]!r} is not supported (magistune shards fully with FSDP2: "
+                             f"use fsdp: true, or Axolotl's words {sorted(FSDP_LIST_WORDS)}; ddp: true replicates)")
+        for w in fsdp:
+            derived.update(FSDP_LIST_WORDS[w])
+        raw["fsdp"] = bool(fsdp)
+    config = raw.get("fsdp_config")
+    if isinstance(config, dict) and config:
+        for key, value in config.items():
+            short = key.removeprefix("fsdp_")
+            if short not in FSDP_CONFIG_KEYS:
+                raise ValueError(f"fsdp_config.{key}: unknown; magistune maps {sorted(FSDP_CONFIG_KEYS)}")
+            if short == "sharding_strategy":
+                strategy = str(value).upper().removeprefix("SHARDINGSTRATEGY.")
+                if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+                    raise ValueError(f"fsdp_config.{key}: {value} is not supported; FULL_SHARD or SHARD_GRAD_OP "
+                                     "(ddp: true replicates instead)")
+                derived["fsdp_reshard_after_forward"] = strategy == "FULL_SHARD"
+            elif FSDP_CONFIG_KEYS[short] is not None:
+                derived[FSDP_CONFIG_KEYS[short]] = value
+        if raw.get("fsdp") is None:
+            raw["fsdp"] = True  # Axolotl: fsdp_config (with fsdp_version: 2) turns FSDP on
+    for key, value in derived.items():
+        if key in raw and raw[key] != value and key != "fsdp_version":
+            raise ValueError(f"{key}: {raw[key]!r} contradicts the Axolotl FSDP setting that means {key}: {value!r}")
+        raw[key] = value
+    return raw

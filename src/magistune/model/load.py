@@ -192,7 +192,7 @@ def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=Non
     dtype = resolve_dtype(cfg, device)
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg, device), device_map={"": device})
     if cfg.load_in_4bit:
-        kwargs["quantization_config"] = _nf4_config(cls, config, dtype)
+        kwargs["quantization_config"] = _nf4_config(cls, config, dtype, sharded=cfg.fsdp)
     model = cls.from_pretrained(model_dir, config=config, **kwargs)
 
     if cfg.adapter is None and cfg.unfrozen_parameters:
@@ -200,9 +200,12 @@ def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=Non
     return model, model_info(model)
 
 
-def _nf4_config(cls: type[nn.Module], config: PretrainedConfig, dtype: torch.dtype) -> BitsAndBytesConfig:
+def _nf4_config(cls: type[nn.Module], config: PretrainedConfig, dtype: torch.dtype,
+                sharded: bool = False) -> BitsAndBytesConfig:
     # The skip list comes from a weightless (meta-device) copy of the model, so it names the modules
-    # exactly as this transformers version lays them out.
+    # exactly as this transformers version lays them out. `sharded` (fsdp): the packed 4-bit weights are stored in
+    # tensors of the compute dtype (2 bf16 elements = 4 bytes = 8 weights) instead of uint8, so that FSDP2 shards,
+    # gathers and "casts" them like the bf16 tensors around them; the bits are the same.
     with torch.device("meta"):
         skeleton = cls(config)
     return BitsAndBytesConfig(
@@ -211,6 +214,7 @@ def _nf4_config(cls: type[nn.Module], config: PretrainedConfig, dtype: torch.dty
         bnb_4bit_use_double_quant=True,  # absmax: 1 byte per 64 weights, plus 4 bytes per 256 absmaxes
         bnb_4bit_compute_dtype=dtype,
         llm_int8_skip_modules=outside_decoder(skeleton),  # vision tower, projector, lm_head stay unquantised
+        bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
     )
 
 

@@ -19,21 +19,23 @@ from magistune.model.load import ModelInfo, model_info, resolve_attn, resolve_dt
 from magistune.model.parts import model_class, outside_decoder
 
 
-def _quantise_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+def _quantise_linear(linear: nn.Linear, compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     import bitsandbytes as bnb
 
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                           compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                          device=linear.weight.device)
+                          quant_storage=quant_storage, device=linear.weight.device)
     q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                 quant_type="nf4").to(linear.weight.device)  # .to() quantises on CUDA and CPU
+                                 quant_type="nf4", quant_storage=quant_storage,
+                                 module=q).to(linear.weight.device)  # .to() quantises on CUDA and CPU
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return q
 
 
 def random_model(config: PretrainedConfig, cfg: Config, device: torch.device, seed: int = 0) -> tuple[nn.Module, ModelInfo]:
-    """The model `config` describes with random weights on `device`, quantised to NF4 when cfg.load_in_4bit."""
+    """The model `config` describes with random weights on `device`, quantised to NF4 when cfg.load_in_4bit
+    (packed into tensors of the compute dtype with cfg.fsdp, as load_model does: FSDP2 shards them like bf16)."""
     device = torch.device(device)
     dtype = resolve_dtype(cfg, device)
     config._attn_implementation = resolve_attn(cfg, device)
@@ -45,7 +47,8 @@ def random_model(config: PretrainedConfig, cfg: Config, device: torch.device, se
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip):
                 parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, _quantise_linear(module, dtype))
+                storage = dtype if cfg.fsdp else torch.uint8
+                setattr(model.get_submodule(parent_name), child, _quantise_linear(module, dtype, storage))
                 del module
         if device.type == "cuda":
             torch.cuda.empty_cache()

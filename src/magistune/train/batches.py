@@ -10,22 +10,27 @@ epoch, a `DataPosition` (epoch, step index) is all a checkpoint has to remember.
 
 The last step of an epoch may hold fewer micro-batches, and its last micro-batch fewer samples: no sample
 is dropped. The loss normalises by the trained tokens of the whole step (loss.py), so short steps are fine.
+
+With sample packing (packing.py) the items are packs instead of samples: a micro-batch is `micro_batch_size`
+rows of up to sequence_len tokens, each row several samples back to back (collate_packed), and an epoch
+shuffles the packs the same way.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import torch
 
 from magistune.data.sample import IGNORE_INDEX, Sample
+from magistune.train.packing import packed_row, shard_for_rank
 
 
 @dataclass
 class Batch:
-    """A right-padded micro-batch: (B, T) tensors, T = the longest sample of the micro-batch."""
+    """A right-padded micro-batch: (B, T) tensors, T = the longest sample (or packed row) of the micro-batch."""
 
     input_ids: torch.Tensor  # pad id after each sample's end
     labels: torch.Tensor  # IGNORE_INDEX on padding and on untrained tokens; aligned with input_ids
@@ -35,6 +40,12 @@ class Batch:
     # to the largest; image_sizes (N, 2) holds each one's real (height, width) in pixels.
     pixel_values: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None
+    # Packed rows only (collate_packed): each sample's positions 0, 1, …; the padding tail counts from 0 too.
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
 
     @property
     def n_tokens(self) -> int:
@@ -49,15 +60,37 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), self.sources,
-                     move(self.pixel_values), move(self.image_sizes))
+        return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
+                       attention_mask=move(self.attention_mask), pixel_values=move(self.pixel_values),
+                       image_sizes=move(self.image_sizes), position_ids=move(self.position_ids))
 
-    def model_inputs(self) -> dict:
-        """Keyword arguments for the model's forward: ids and mask, plus the images when there are any."""
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+    def model_inputs(self, varlen: bool = False) -> dict:
+        """Keyword arguments for the model's forward: ids and mask, plus the images when there are any.
+
+        Packed rows pass position_ids and no attention_mask: transformers then masks attention block-diagonally
+        (packing.py). `varlen` (flash attention) adds the sample boundaries as cumulative lengths over the
+        flattened B × T tokens, which its variable-length kernel takes directly (cu_seq_lens_varlen).
+        """
+        if self.packed:
+            inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+            if varlen:
+                inputs.update(cu_seq_lens_varlen(self.position_ids))
+        else:
+            inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.pixel_values is not None:
             inputs.update(pixel_values=self.pixel_values, image_sizes=self.image_sizes)
         return inputs
+
+
+def cu_seq_lens_varlen(position_ids: torch.Tensor) -> dict:
+    """Flash attention's varlen arguments for packed rows: every sequence (padding tails included) starts where
+    its position is 0. Rows [[0 1 2 0 1 0 1 2 3], [0 1 2 3 4 0 1 2 3]] flatten to 18 tokens with starts
+    0 3 5 9 14 and cu_seq_lens [0 3 5 9 14 18]; the longest sequence is 5 tokens."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 @dataclass(frozen=True)
@@ -115,6 +148,31 @@ def collate(samples: list[Sample], pad_id: int, image_encoder=None) -> Batch:
     return Batch(ids, labels, mask, [s.source for s in samples], pixels, sizes)
 
 
+def collate_packed(rows: list[list[Sample]], pad_id: int, image_encoder=None) -> Batch:
+    """Packed rows (each a list of samples, see packing.py), right-padded to the longest row.
+
+    Row [a(3 tokens), b(2)] in width 6: input_ids a0 a1 a2 b0 b1 pad, labels IGNORE la1 la2 IGNORE lb1 IGNORE,
+    position_ids 0 1 2 0 1 0, attention_mask 1 1 1 1 1 0. Images in row-major token order."""
+    if not rows or not all(rows):
+        raise ValueError("collate_packed: empty micro-batch or empty row")
+    built = [packed_row(row) for row in rows]
+    width = max(len(ids) for ids, _, _ in built)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_labels, row_positions) in enumerate(built):
+        n = len(row_ids)
+        ids[i, :n] = torch.tensor(row_ids, dtype=torch.long)
+        labels[i, :n] = torch.tensor(row_labels, dtype=torch.long)
+        mask[i, :n] = 1
+        positions[i, :n] = torch.tensor(row_positions, dtype=torch.long)
+        positions[i, n:] = torch.arange(width - n)  # the padding tail: a sequence of its own
+    flat = [s for row in rows for s in row]
+    pixels, sizes = collate_images(flat, image_encoder)
+    return Batch(ids, labels, mask, [s.source for s in flat], pixels, sizes, positions)
+
+
 def epoch_order(n_samples: int, seed: int, epoch: int) -> list[int]:
     """The sample order of one epoch: a permutation that depends only on (seed, epoch)."""
     g = torch.Generator()
@@ -143,46 +201,75 @@ class StepStream:
 
     Epochs repeat until the caller stops iterating (the recipe stops at total_steps), so max_steps may run
     past num_epochs and a fractional num_epochs stops inside an epoch.
+
+    `packs` (packing.Packing.packs): the items are packs of sample indices, collated as packed rows.
+    `shard` (rank, world): this rank's share of each epoch's order (packing.shard_for_rank), equal on every rank.
     """
 
     def __init__(self, samples: list[Sample], micro_batch_size: int, grad_accum: int, pad_id: int, seed: int,
-                 start: DataPosition = DataPosition(), image_encoder=None):
+                 start: DataPosition = DataPosition(), image_encoder=None, packs: list[list[int]] | None = None,
+                 shard: tuple[int, int] = (0, 1)):
         if not samples:
             raise ValueError("no training samples")
         self.samples = samples
+        self.packs = packs
         self.mbs = micro_batch_size
         self.accum = grad_accum
         self.pad_id = pad_id
         self.image_encoder = image_encoder
         self.seed = seed
         self.start = start
+        self.rank, self.world = shard
+        self.n_items = len(packs) if packs is not None else len(samples)
+        per_rank = items_per_rank(self.n_items, self.world)
+        if per_rank == 0:
+            raise ValueError(f"{self.n_items} {'packs' if packs is not None else 'samples'} cannot give each of "
+                             f"{self.world} ranks one")
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation), drawn once per epoch
-        self.steps_per_epoch = steps_per_epoch(len(samples), micro_batch_size, grad_accum)
+        self.steps_per_epoch = steps_per_epoch(per_rank, micro_batch_size, grad_accum)
         if start.step > self.steps_per_epoch:
             raise ValueError(f"data position {start} is past the end of an epoch of {self.steps_per_epoch} steps "
                              "(the training set changed since the checkpoint?)")
 
     def step_indices(self, epoch: int, step: int) -> list[list[int]]:
-        """Sample indices of each micro-batch of step `step` (0-based) of `epoch`."""
+        """Item indices (samples, or packs with `packs`) of each micro-batch of step `step` (0-based) of `epoch`."""
         if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.samples), self.seed, epoch))
+            order = epoch_order(self.n_items, self.seed, epoch)
+            self._order = (epoch, shard_for_rank(order, self.rank, self.world))
         order = self._order[1]
         per_step = self.mbs * self.accum
         chunk = order[step * per_step:(step + 1) * per_step]
         return [chunk[i:i + self.mbs] for i in range(0, len(chunk), self.mbs)]
+
+    def collate(self, idx: list[int]) -> Batch:
+        if self.packs is None:
+            return collate([self.samples[i] for i in idx], self.pad_id, self.image_encoder)
+        rows = [[self.samples[j] for j in self.packs[i]] for i in idx]
+        return collate_packed(rows, self.pad_id, self.image_encoder)
 
     def __iter__(self) -> Iterator[tuple[DataPosition, list[Batch]]]:
         epoch, step = self.start.epoch, self.start.step
         while True:
             if step >= self.steps_per_epoch:
                 epoch, step = epoch + 1, 0
-            micro = [collate([self.samples[i] for i in idx], self.pad_id, self.image_encoder)
-                     for idx in self.step_indices(epoch, step)]
+            micro = [self.collate(idx) for idx in self.step_indices(epoch, step)]
             step += 1
             yield DataPosition(epoch, step), micro
 
 
-def eval_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, image_encoder=None) -> Iterator[Batch]:
-    """The held-out split in file order, micro_batch_size samples at a time (collated lazily: images are big)."""
+def items_per_rank(n_items: int, world: int) -> int:
+    """What shard_for_rank gives each rank: 10 packs on 4 ranks → 2 (the remaining 2 wait for another epoch)."""
+    return n_items // world
+
+
+def eval_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, image_encoder=None,
+                 packs: list[list[int]] | None = None) -> Iterator[Batch]:
+    """The held-out split in file order, micro_batch_size samples at a time (collated lazily: images are big).
+    With `packs`, micro_batch_size packed rows at a time, in pack order."""
+    if packs is not None:
+        for i in range(0, len(packs), micro_batch_size):
+            rows = [[samples[j] for j in pack] for pack in packs[i:i + micro_batch_size]]
+            yield collate_packed(rows, pad_id, image_encoder)
+        return
     for i in range(0, len(samples), micro_batch_size):
         yield collate(samples[i:i + micro_batch_size], pad_id, image_encoder)

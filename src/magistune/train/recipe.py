@@ -20,10 +20,12 @@ import torch
 
 from magistune.config import Config, ConfigError
 from magistune.train import checkpoint as ckpt
-from magistune.train.batches import DataPosition, StepStream, eval_batches, steps_per_epoch, total_steps
+from magistune.train.batches import DataPosition, StepStream, eval_batches, items_per_rank, steps_per_epoch, total_steps
+from magistune.train.distributed import DistributedError, QuietLogger, setup as setup_parallel, speaks
 from magistune.train.loss import evaluate, forward_backward, loss_fn_for
 from magistune.train.metrics import MetricsLogger, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
+from magistune.train.packing import packings_for
 from magistune.train.preflight import autocast_for, oom_advice, preflight, seed_everything, write_resolved_config
 
 
@@ -36,7 +38,9 @@ class Interrupted(Exception):
 
 
 def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    msg = speaks(msg)  # multi-GPU: rank 0 says everything, the other ranks only their errors
+    if msg is not None:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def short(e: BaseException) -> str:
@@ -92,70 +96,93 @@ class StopFlag:
 
 def train(cfg: Config) -> int:
     try:
-        return _train(cfg)
+        par = setup_parallel(cfg)  # one process, or one of torchrun's N (FSDP2 / DDP): distributed.py
+    except DistributedError as e:
+        say(f"error: {e}")
+        return 2
+    try:
+        return _train(cfg, par)
     except torch.OutOfMemoryError as e:
         say(f"error: out of memory while loading or preparing the model ({short(e)})\n{oom_advice(cfg, None)}")
         return 1
+    finally:
+        par.close()
 
 
-def _train(cfg: Config) -> int:
+def _train(cfg: Config, par) -> int:
     from magistune.data.build import DataError, prepare_data
-    from magistune.model import build_model, format_model_info, resolve_dtype, save_trained
+    from magistune.model import format_model_info, resolve_dtype
     from magistune.tokenizer import SpecialIds, TokenizerError, load_tokenizer
 
     # --- before any weight loads ------------------------------------------------------------------------
     try:
         pre = preflight(cfg)
-        for note in pre.notes:
+        for note in par.notes + pre.notes:
             say(f"note: {note}")
         seed_everything(cfg.seed)
-        data = prepare_data(cfg, progress=sys.stderr.isatty())
+        data = par.run_main_first(lambda: prepare_data(cfg, progress=sys.stderr.isatty() and par.is_main))
         tokenizer = load_tokenizer(data.tokenizer_file)
+        par.agree(cfg, pre.model_dir, data)  # multi-GPU: every rank has the same config and samples
     except (ConfigError, ckpt.CheckpointError, OptimizerError, DataError, TokenizerError) as e:
         say(f"error: {e}")
         return 2
     pad_id = SpecialIds.of(tokenizer).pad
     device, dtype = pre.device, resolve_dtype(cfg, pre.device)
     out = cfg.out_dir.resolve()  # "examples/../outputs/x" → "outputs/x" in messages
-    write_resolved_config(cfg, pre.model_dir)
+    if par.is_main:
+        write_resolved_config(cfg, pre.model_dir)
     n_train, n_eval = len(data.train), len(data.eval)
     say(f"data: {n_train} train + {n_eval} eval samples, {sum(len(s) for s in data.train)} train tokens "
         f"({sum(s.n_trained for s in data.train)} trained)")
+    try:
+        packed, eval_packed = packings_for(cfg, data.train, data.eval)  # None, None without sample_packing
+    except ValueError as e:
+        say(f"error: {e}")
+        return 2
+    if packed:
+        say(f"packing: {packed.describe()}")
+    n_items = len(packed.packs) if packed else n_train  # what an epoch shuffles: packed rows, or samples
 
     # --- model --------------------------------------------------------------------------------------------
     if cfg.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        source = ckpt.full_model_source(cfg, pre.resume)  # a full fine-tune resumes from its checkpoint's weights
-        model, info, _ = build_model(source, device, tokenizer=tokenizer)  # load (4-bit?), then LoRA or full
+        source = par.model_source(cfg, pre.resume)  # a full fine-tune resumes from its checkpoint's weights
+        model, info = par.build_model(source, device, tokenizer)  # load (4-bit?), LoRA or full; sharded or not
     except (ConfigError, ckpt.CheckpointError) as e:
         say(f"error: {e}")
         return 2
     model.train()  # from_pretrained returns eval mode: dropout off
-    say(f"model: {format_model_info(info)}; {device.type}, {str(dtype).removeprefix('torch.')}")
+    say(f"model: {format_model_info(info)}; {device.type}, {str(dtype).removeprefix('torch.')}"
+        + (f"; {par.mode} over {par.world} processes" if par.distributed else ""))
 
     # --- optimisation -------------------------------------------------------------------------------------
     mbs, accum = cfg.micro_batch_size, cfg.gradient_accumulation_steps
-    spe = steps_per_epoch(n_train, mbs, accum)
-    total = total_steps(n_train, mbs, accum, cfg.num_epochs, cfg.max_steps)
+    n_share = items_per_rank(n_items, par.world)  # multi-GPU: each rank's equal share of an epoch
+    spe = steps_per_epoch(n_share, mbs, accum)
+    total = total_steps(n_share, mbs, accum, cfg.num_epochs, cfg.max_steps)
     warmup = warmup_steps(cfg, total)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, total)
-    say(f"schedule: {total} steps ({total / spe:.2f} epochs of {spe}) × {accum} micro-batches × {mbs} samples "
+    unit = "packed rows" if packed else "samples"
+    say(f"schedule: {total} steps ({total / spe:.2f} epochs of {spe}) × {accum} micro-batches × {mbs} {unit} "
         f"(≤ {mbs} × {cfg.sequence_len} × {accum} = {mbs * cfg.sequence_len * accum:,} tokens/step); "
         f"{cfg.lr_scheduler} lr {cfg.learning_rate:g}, warmup {warmup}")
+    if par.distributed:
+        say(f"{par.mode}: {par.world} processes, each with the above: {par.world * mbs * accum} {unit} per step in all")
     eval_every = every(cfg.evals_per_epoch, cfg.eval_steps, spe) if n_eval else None
     save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
     if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
         say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
     image_encoder = tokenizer.instruct_tokenizer.image_encoder  # None without an image config
-    evals = lambda: eval_batches(data.eval, mbs, pad_id, image_encoder)  # noqa: E731 (collated anew: images are big)
-    loss_fn, autocast = loss_fn_for(cfg), autocast_for(device, dtype)
+    evals = lambda: par.eval_share(eval_batches(data.eval, mbs, pad_id, image_encoder,  # noqa: E731 (collated anew)
+                                                eval_packed.packs if eval_packed else None))
+    loss_fn, autocast = par.wrap_loss(loss_fn_for(cfg)), autocast_for(device, dtype)
 
     # --- resume -------------------------------------------------------------------------------------------
     state = {"step": 0, "position": DataPosition().to_dict(), "losses": [], "window": Window().to_dict()}
     if pre.resume is not None:
-        state = ckpt.load_checkpoint(pre.resume, model, optimizer, scheduler)  # RNG restored last
+        state = par.load_checkpoint(pre.resume, model, optimizer, scheduler)  # RNG restored last
         if state.get("n_train_samples") != n_train:
             say(f"error: {pre.resume} was trained on {state.get('n_train_samples')} samples, the data now has "
                 f"{n_train}: the data position cannot be restored. Start a new output_dir (lora_model_dir continues "
@@ -169,18 +196,18 @@ def _train(cfg: Config) -> int:
     def save(at: int) -> None:
         trainer_state = {"step": at, "total_steps": total, "position": position.to_dict(), "losses": losses,
                          "window": window.to_dict(), "n_train_samples": n_train, "steps_per_epoch": spe}
-        path = ckpt.save_checkpoint(out, at, lambda d: save_trained(model, d, cfg, data.tokenizer_file),
-                                    optimizer, scheduler, trainer_state, rng, cfg.save_total_limit)
+        path = par.save_checkpoint(out, at, model, optimizer, scheduler, trainer_state, rng, cfg, data.tokenizer_file)
         log.message(f"saved {path}")
 
     def run_eval() -> None:
-        result = evaluate(model, evals(), loss_fn, autocast, device)
+        result = par.step_total(evaluate(model, evals(), loss_fn, autocast, device))
         log.log_eval(step, result.loss, result.n_trained)
 
-    log = MetricsLogger(out, step, total, show_progress=sys.stderr.isatty())
+    log = MetricsLogger(out, step, total, show_progress=sys.stderr.isatty()) if par.is_main else QuietLogger()
     stop = StopFlag()
     stop.install()
-    stream = iter(StepStream(data.train, mbs, accum, pad_id, cfg.seed, start=position, image_encoder=image_encoder))
+    stream = iter(StepStream(data.train, mbs, accum, pad_id, cfg.seed, start=position, image_encoder=image_encoder,
+                             packs=packed.packs if packed else None, shard=(par.rank, par.world)))
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf  # inf: measure only
     longest, run_seconds, run_steps = 0, 0.0, 0  # this process's steps, for the ETA
@@ -190,12 +217,12 @@ def _train(cfg: Config) -> int:
             t0 = time.perf_counter()
             next_position, micro = next(stream)
             longest = max([longest] + [b.input_ids.shape[1] for b in micro])
-            result = forward_backward(model, micro, loss_fn, autocast, device)
+            result = par.step_total(forward_backward(model, micro, loss_fn, autocast, device, par.normaliser))
             if result.n_trained == 0:
                 log.message(f"note: step {step + 1} has no trained token; its samples are skipped")
             elif not math.isfinite(result.loss):
                 raise TrainingStopped(f"loss is {result.loss} at step {step + 1}")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = par.clip_grad_norm_(params, clip)
             if result.n_trained and not math.isfinite(grad_norm):
                 raise TrainingStopped(f"gradient norm is {grad_norm} at step {step + 1} (loss {result.loss:.4f})")
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
@@ -229,7 +256,7 @@ def _train(cfg: Config) -> int:
                 run_eval()
             if (save_every and step % save_every == 0) or step == total:
                 save(step)
-            if stop.signum is not None:
+            if par.any_rank(stop.signum is not None):
                 raise Interrupted
         # --- the end --------------------------------------------------------------------------------------
         if data.eval:
@@ -258,8 +285,8 @@ def _train(cfg: Config) -> int:
         log.close()
 
     # --- outputs ------------------------------------------------------------------------------------------
-    save_trained(model, out, cfg, data.tokenizer_file)
-    png = plot_losses(log.path, out / "loss.png")
+    par.save_trained(model, out, cfg, data.tokenizer_file)
+    png = plot_losses(log.path, out / "loss.png") if par.is_main else None
     done = [l for _, l in losses if l is not None]
     say(f"done: {step} steps, loss {done[0]:.4f} → {done[-1]:.4f}" if done else f"done: {step} steps")
     say(f"outputs in {out}: {'adapter' if cfg.adapter else 'model'}, {data.tokenizer_file.name}, config.yaml, "
