@@ -35,6 +35,13 @@ def fast_tokenizers():
         yield
 
 
+@pytest.fixture(scope="module")
+def fast_tokenizer(fast_tokenizers):
+    """For in-process train() calls: magistune.tokenizer.load_tokenizer memoises on (path, size, mtime) itself,
+    and data.build goes through the memo above."""
+    yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer_loader():
     return load_tokenizer_cached
