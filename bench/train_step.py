@@ -38,11 +38,12 @@ def config_for(args) -> "object":
 
     raw = {
         "base_model": "bench", "datasets": [{"path": "bench.jsonl"}], "sequence_len": args.seq,
-        "adapter": "qlora", "load_in_4bit": True, "lora_r": 32, "lora_alpha": 16, "lora_dropout": 0.05,
+        "adapter": "qlora", "load_in_4bit": True, "lora_r": 32, "lora_alpha": 16, "lora_dropout": args.dropout,
         "lora_target_linear": True, "micro_batch_size": args.mbs, "gradient_accumulation_steps": args.accum,
         "optimizer": "adamw_bnb_8bit", "learning_rate": 2e-4, "bf16": True, "gradient_checkpointing": True,
         "attn_implementation": args.attn, "sample_packing": args.packing, "cut_cross_entropy": args.cce,
-        "activation_offloading": args.offload,
+        "activation_offloading": args.offload, "liger_rms_norm": args.liger, "liger_glu_activation": args.liger,
+        "tiled_mlp": args.tiled_mlp > 0, "tiled_mlp_num_shards": args.tiled_mlp or None,
     }
     return parse_config(raw)[0]
 
@@ -147,10 +148,17 @@ def main() -> None:
     p.add_argument("--cce", action="store_true", help="Cut Cross Entropy (magistune side)")
     p.add_argument("--offload", action="store_true", help="activation offloading (magistune side)")
     p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flex_attention, flash_attention_2, eager")
+    p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (both sides)")
+    p.add_argument("--liger", action="store_true", help="liger_rms_norm + liger_glu_activation (magistune side)")
+    p.add_argument("--tiled-mlp", type=int, default=0, help="tiled_mlp with this many shards (magistune side)")
+    p.add_argument("--compile", action="store_true", help="experiment: torch.compile each decoder layer")
+    p.add_argument("--no-ckpt", type=int, default=0, help="experiment: this many layers run without checkpointing")
+    p.add_argument("--profile", default=None, help="write torch.profiler's top CUDA ops of the timed steps here")
     p.add_argument("--out", default="bench_train_step.jsonl")
     args = p.parse_args()
-    if (args.packing or args.random_lengths or args.cce or args.offload) and args.side != "magistune":
-        p.error("--packing, --random-lengths, --cce and --offload are options of --side magistune")
+    if (args.packing or args.random_lengths or args.cce or args.offload or args.liger or args.tiled_mlp) \
+            and args.side != "magistune":
+        p.error("--packing, --random-lengths, --cce, --offload, --liger and --tiled-mlp are options of --side magistune")
     if args.vision and (args.packing or args.random_lengths):
         p.error("--vision uses one fixed image conversation; it does not combine with --packing/--random-lengths")
 
@@ -171,6 +179,10 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
 
     if args.side == "magistune":
+        from magistune.model.fused import apply_fused_parts
+
+        for note in apply_fused_parts(model, cfg, device):
+            print("note:", note)
         model = apply_lora(model, cfg)
         enable_checkpointing(model)
     else:
@@ -178,9 +190,15 @@ def main() -> None:
 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, lora_dropout=args.dropout, task_type="CAUSAL_LM",
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers[:args.no_ckpt]:
+        layer.gradient_checkpointing = False
+    if args.compile:
+        for layer in layers:
+            layer.compile()
     optimizer = build_optimizer(model, cfg, device)
     gen = torch.Generator().manual_seed(0)
 
@@ -233,12 +251,21 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    prof = None
+    if args.profile:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+        prof.__enter__()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        Path(args.profile).write_text(f"wall {seconds:.3f}s over {args.steps} steps\n"
+                                      + prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))
     tokens = args.steps * args.accum * (fixed.n_tokens if fixed is not None else args.mbs * args.seq)
     if counted:
         tokens = sum(counted)
@@ -247,7 +274,8 @@ def main() -> None:
         "attn": args.attn, "packing": args.packing, "random_lengths": args.random_lengths or args.packing,
         "packing_efficiency": round(BATCH_STATS["efficiency"], 4) if args.packing else None,
         "padding_share": round(BATCH_STATS["padding"], 4) if args.random_lengths and not args.packing else None,
-        "cce": args.cce, "offload": args.offload,
+        "cce": args.cce, "offload": args.offload, "dropout": args.dropout, "liger": args.liger,
+        "compile": args.compile, "tiled_mlp": args.tiled_mlp, "no_ckpt": args.no_ckpt, "profiled": bool(args.profile),
         "steps": args.steps, "tokens_per_s": round(tokens / seconds, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "weights_gib": round(info.weight_bytes / 2**30, 2), "build_s": round(build_s, 1),

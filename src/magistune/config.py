@@ -110,6 +110,10 @@ class Config(_Strict):
     # --- loss and throughput ------------------------------------------------------------------
     cut_cross_entropy: bool = False  # Cut Cross Entropy on CUDA when installed, else the chunked loss
     plugins: list[str] | None = None
+    tiled_mlp: bool = False  # the MLP runs over the sequence in checkpointed shards (long sequences)
+    tiled_mlp_num_shards: int | None = Field(default=None, ge=2)  # default ceil(sequence_len / hidden_size)
+    liger_glu_activation: bool = False  # SiLU(gate)·up in liger's Triton kernel (CUDA)
+    liger_rms_norm: bool = False  # RMSNorm in liger's Triton kernel (CUDA)
 
     # --- multi-GPU: torchrun, one process per GPU (docs/multi-gpu.md) --------------------------
     fsdp: bool = False  # FSDP2: weights, gradients and optimizer state sharded over the GPUs (Axolotl's list form too)
@@ -185,6 +189,12 @@ class Config(_Strict):
             self.resume_from_checkpoint = None
         if self.activation_offloading and not self.gradient_checkpointing:
             self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
+        if self.tiled_mlp and (self.fsdp or self.ddp):
+            raise ValueError("tiled_mlp has not been tested with fsdp/ddp yet, so magistune refuses the combination; "
+                             "drop tiled_mlp (or fsdp/ddp)")
+        if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
+            raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
+                             "drop them, or use ddp: true")
         return self
 
     # --- derived values ------------------------------------------------------------------------

@@ -55,10 +55,8 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "adam_epsilon": "not implemented; AdamW uses eps 1e-8",
     "shuffle_merged_datasets": "datasets are always shuffled with seed",
     "test_datasets": "not implemented; use val_set_size",
-    "liger_rope": "Liger kernels are not active yet",
-    "liger_rms_norm": "Liger kernels are not active yet",
-    "liger_glu_activation": "Liger kernels are not active yet",
-    "liger_fused_linear_cross_entropy": "Liger kernels are not active yet",
+    "liger_rope": "not implemented (RoPE is applied inside transformers' attention function; magistune does not patch it)",
+    "liger_fused_linear_cross_entropy": "not implemented; use cut_cross_entropy: true (the same job, Apple's kernels)",
     "unsloth_lora_mlp": "Unsloth kernels are not supported",
 }
 

@@ -8,6 +8,7 @@ is resolve_model_dir -> load_model -> (load_adapter | apply_lora | full fine-tun
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from magistune.config import Config
 from magistune.model.adapt import (
     apply_lora, enable_checkpointing, freeze_vision, load_adapter, lora_target_regex, save_trained,
 )
+from magistune.model.fused import apply_fused_parts
 from magistune.model.load import (
     ModelError,
     ModelInfo,
@@ -41,6 +43,7 @@ def build_model(cfg: Config, device: torch.device, tokenizer=None) -> tuple[nn.M
     """Everything the config says about the model, in order. Returns the model, its sizes and its folder."""
     model_dir = resolve_model_dir(cfg.base_model, cfg.config_dir)
     model, _ = load_model(cfg, model_dir, torch.device(device), tokenizer=tokenizer)
+    notes = apply_fused_parts(model, cfg, torch.device(device))  # tiled MLP / liger kernels, before LoRA wraps
     if cfg.adapter and cfg.lora_model_dir:  # continue training a saved adapter
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
@@ -51,7 +54,7 @@ def build_model(cfg: Config, device: torch.device, tokenizer=None) -> tuple[nn.M
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         freeze_vision(model, cfg)
-    return model, model_info(model), model_dir
+    return model, dataclasses.replace(model_info(model), notes=tuple(notes)), model_dir
 
 
 __all__ = [

@@ -249,6 +249,7 @@ class ModelInfo:
     weight_bytes: int  # what the parameters occupy, 4-bit storage and its quantisation constants included
     dtype: str  # the unquantised parameters' dtype
     quantized: bool
+    notes: tuple[str, ...] = ()  # what was swapped in (model/fused.py), for the run log
 
 
 def _param_numel(p: torch.Tensor) -> int:

@@ -155,6 +155,8 @@ def _train(cfg: Config, par) -> int:
     model.train()  # from_pretrained returns eval mode: dropout off
     say(f"model: {format_model_info(info)}; {device.type}, {str(dtype).removeprefix('torch.')}"
         + (f"; {par.mode} over {par.world} processes" if par.distributed else ""))
+    for note in info.notes:
+        say(f"note: {note}")
 
     # --- optimisation -------------------------------------------------------------------------------------
     mbs, accum = cfg.micro_batch_size, cfg.gradient_accumulation_steps
@@ -217,7 +219,8 @@ def _train(cfg: Config, par) -> int:
             t0 = time.perf_counter()
             next_position, micro = next(stream)
             longest = max([longest] + [b.input_ids.shape[1] for b in micro])
-            result = par.step_total(forward_backward(model, micro, loss_fn, autocast, device, par.normaliser))
+            result = par.step_total(forward_backward(model, micro, loss_fn, autocast, device, par.normaliser,
+                                                     par.grad_sync))
             if result.n_trained == 0:
                 log.message(f"note: step {step + 1} has no trained token; its samples are skipped")
             elif not math.isfinite(result.loss):
