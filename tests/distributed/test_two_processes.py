@@ -54,7 +54,7 @@ QLORA = {**LORA, "adapter": "qlora", "load_in_4bit": True, "max_steps": 2, "save
 # name: (keys, one-process accumulation, two-process accumulation)
 RUNS = {
     "full": (FULL, 2, 1),
-    "lora": (LORA, 2, 1),
+    "lora": (LORA, 4, 2),  # 2 micro-batches per rank: gradients reduced once, after the second (grad_sync)
     "qlora": (QLORA, 2, 1),
 }
 # bf16 on the CPU (the cpu variant only; on GPUs everything is bf16): FSDP's MixedPrecisionPolicy (bf16 gather and
@@ -101,8 +101,9 @@ def runs(request, tmp_path_factory, fast_tokenizer):
         write(root, device, f"fsdp_{name}", **keys, gradient_accumulation_steps=accum2, fsdp=True)
     write(root, device, "fsdp_full_resumed", **FULL, gradient_accumulation_steps=1, fsdp=True,
           output_dir="out_fsdp_full", resume_from_checkpoint="auto")
-    # these two accumulate 2 micro-batches of 1 sample per rank: the same 4 samples per step, other micro-batches
-    ddp_lora = {**LORA, "micro_batch_size": 1, "gradient_accumulation_steps": 2, "ddp": True}
+    # these two accumulate 4 micro-batches of 1 sample per rank: the same 8 samples per step as single_lora's
+    # 4 × 2, other micro-batches; gradients are all-reduced once per step (DDP no_sync before the last)
+    ddp_lora = {**LORA, "micro_batch_size": 1, "gradient_accumulation_steps": 4, "ddp": True}
     write(root, device, "ddp_lora", **ddp_lora)
     write(root, device, "ddp_lora_resumed", **ddp_lora, output_dir="out_ddp_lora", resume_from_checkpoint="auto")
     write(root, device, "fsdp_full_offload", **{**FULL, "max_steps": 2, "micro_batch_size": 1},

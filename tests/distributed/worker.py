@@ -51,7 +51,7 @@ def main() -> int:
     if torch.cuda.is_available():  # what magistune's Distributed would do; it then reuses this group
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=device)  # as distributed.py does
         barrier = lambda: dist.barrier(device_ids=[device.index])  # noqa: E731
     else:
         dist.init_process_group("gloo")

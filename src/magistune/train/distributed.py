@@ -41,6 +41,8 @@ every rank must run the same number of forwards.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import os
 import sys
@@ -144,6 +146,15 @@ def _fp32_allreduce_hook(process_group, bucket):
     return fut.then(back)
 
 
+@contextlib.contextmanager
+def _fsdp_sync_off(root: nn.Module):
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
 def sample_digest(samples) -> str:
     """sha256 over every sample's source, token ids and labels: equal on every rank that read the same data."""
     import numpy as np
@@ -203,6 +214,7 @@ class Single:
     device: torch.device | None = None  # preflight picks it
     notes: list[str] = []
     normaliser = None
+    grad_sync = None
 
     def run_main_first(self, fn: Callable):
         return fn()
@@ -281,7 +293,10 @@ class Distributed:
         self.created_group = not dist.is_initialized()
         if self.created_group:
             kwargs = {"device_id": self.device} if self.device.type == "cuda" else {}
-            dist.init_process_group(self.backend, timeout=timedelta(seconds=cfg.ddp_timeout), **kwargs)
+            # NCCL for GPU tensors, plus gloo for CPU ones: with fsdp_cpu_offload the gradient shards live on the
+            # CPU, and the global gradient norm is a collective over them
+            backends = "cuda:nccl,cpu:gloo" if self.backend == "nccl" else "gloo"
+            dist.init_process_group(backends, timeout=timedelta(seconds=cfg.ddp_timeout), **kwargs)
         if dist.get_world_size() != self.world or dist.get_rank() != self.rank:
             raise DistributedError(f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, "
                                    f"torchrun said {self.rank} of {self.world}")
@@ -519,6 +534,17 @@ class Distributed:
         root = self.root
         getattr(root, "module", root).loss_fn = loss_fn  # DDP holds the LossModule as .module
         return lambda model, batch: root(batch)
+
+    def grad_sync(self, last: bool):
+        """Around each micro-batch's backward. Adapters: gradients are reduced over the ranks only after the last
+        micro-batch of the step (one reduce-scatter / all-reduce instead of one per micro-batch; unsharded LoRA
+        gradients are small). Full fine-tuning keeps reducing every micro-batch: holding the unsharded gradients
+        of a 24B model would cost what FSDP saves."""
+        if last or self.cfg.adapter is None:
+            return contextlib.nullcontext()
+        if self.mode == "ddp":
+            return self.root.no_sync()
+        return _fsdp_sync_off(self.root)
 
     def normaliser(self, n_trained: int) -> float:
         """The divisor of each rank's loss sum: all ranks' trained tokens / N (see the module docstring)."""

@@ -181,25 +181,29 @@ class StepLoss:
 def forward_backward(model: torch.nn.Module, micro: list[Batch], loss_fn: LossFn = token_loss_sum,
                      autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                      device: torch.device | str = "cpu",
-                     normaliser: Callable[[int], float] | None = None) -> StepLoss:
+                     normaliser: Callable[[int], float] | None = None,
+                     grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> StepLoss:
     """Accumulate the gradient of one optimizer step: Σ_micro-batches ∇(loss_sum / tokens of the step).
 
     Micro-batches must already be on `device` or are moved there one at a time. `normaliser` (multi-GPU,
     distributed.py) turns this rank's trained-token count into the divisor: all ranks' tokens / number of ranks,
-    as the gradient averaging over ranks divides by that number again. The returned StepLoss is this rank's.
+    as the gradient averaging over ranks divides by that number again. `grad_sync(is_last)` (multi-GPU) wraps
+    each micro-batch: adapters reduce their gradients over the ranks once, after the last one. The returned
+    StepLoss is this rank's.
     """
     n_trained = sum(b.n_trained for b in micro)  # counted first, over the whole step
     n_tokens = sum(b.n_tokens for b in micro)
     divisor = n_trained if normaliser is None else normaliser(n_trained)
     if divisor == 0:  # no trained token in the step (on any rank)
         return StepLoss(0.0, 0, n_tokens)
-    total = torch.zeros((), dtype=torch.float64)
-    for b in micro:
+    total = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per micro-batch
+    for i, b in enumerate(micro):
         b = b.to(device)
-        with autocast():
-            loss_sum = loss_fn(model, b)
-        (loss_sum / divisor).backward()
-        total += loss_sum.detach().double().cpu()
+        with grad_sync(i == len(micro) - 1) if grad_sync else contextlib.nullcontext():
+            with autocast():
+                loss_sum = loss_fn(model, b)
+            (loss_sum / divisor).backward()
+        total += loss_sum.detach().double()
     return StepLoss(float(total), n_trained, n_tokens)
 
 
