@@ -80,3 +80,22 @@ def test_eval_batches_cover_the_split_in_order():
     samples = make_samples(5)
     batches = eval_batches(samples, 2, pad_id=0)
     assert [s for b in batches for s in b.sources] == [s.source for s in samples]
+
+
+def test_pad_to_sequence_len_fixes_every_width():
+    """pad_to_sequence_len: train (plain and packed) and eval batches are all `pad_to` wide; the padding adds no
+    trained token and no attended position."""
+    from magistune.train.packing import pack_samples
+
+    samples = make_samples(9)
+    plain = [b for _, micro in itertools.islice(StepStream(samples, 2, 2, pad_id=0, seed=1, pad_to=64), 3) for b in micro]
+    packs = pack_samples(samples, 32, seed=0).packs
+    packed = [b for _, micro in itertools.islice(StepStream(samples, 2, 1, pad_id=0, seed=1, packs=packs, pad_to=64), 2)
+              for b in micro]
+    evals = list(eval_batches(samples, 4, pad_id=0, pad_to=64))
+    for b in plain + packed + evals:
+        assert b.input_ids.shape[1] == 64
+        assert int(b.attention_mask.sum()) == b.n_tokens
+    unpadded = [b for _, micro in itertools.islice(StepStream(samples, 2, 2, pad_id=0, seed=1), 3) for b in micro]
+    assert [b.n_trained for b in unpadded] == [b.n_trained for b in plain]
+    assert max(b.input_ids.shape[1] for b in unpadded) < 64

@@ -128,12 +128,12 @@ def collate_images(samples: list[Sample], image_encoder) -> tuple[torch.Tensor, 
     return pixels, sizes
 
 
-def collate(samples: list[Sample], pad_id: int, image_encoder=None) -> Batch:
-    """Pad right to the longest sample: pad id in input_ids, IGNORE_INDEX in labels, 0 in attention_mask.
-    Images go to pixel_values / image_sizes (see collate_images)."""
+def collate(samples: list[Sample], pad_id: int, image_encoder=None, width: int = 0) -> Batch:
+    """Pad right to the longest sample, or to `width` if wider (pad_to_sequence_len): pad id in input_ids,
+    IGNORE_INDEX in labels, 0 in attention_mask. Images go to pixel_values / image_sizes (see collate_images)."""
     if not samples:
         raise ValueError("collate: empty micro-batch")
-    width = max(len(s) for s in samples)
+    width = max([width] + [len(s) for s in samples])
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
@@ -148,15 +148,15 @@ def collate(samples: list[Sample], pad_id: int, image_encoder=None) -> Batch:
     return Batch(ids, labels, mask, [s.source for s in samples], pixels, sizes)
 
 
-def collate_packed(rows: list[list[Sample]], pad_id: int, image_encoder=None) -> Batch:
-    """Packed rows (each a list of samples, see packing.py), right-padded to the longest row.
+def collate_packed(rows: list[list[Sample]], pad_id: int, image_encoder=None, width: int = 0) -> Batch:
+    """Packed rows (each a list of samples, see packing.py), right-padded to the longest row (or to `width`).
 
     Row [a(3 tokens), b(2)] in width 6: input_ids a0 a1 a2 b0 b1 pad, labels IGNORE la1 la2 IGNORE lb1 IGNORE,
     position_ids 0 1 2 0 1 0, attention_mask 1 1 1 1 1 0. Images in row-major token order."""
     if not rows or not all(rows):
         raise ValueError("collate_packed: empty micro-batch or empty row")
     built = [packed_row(row) for row in rows]
-    width = max(len(ids) for ids, _, _ in built)
+    width = max([width] + [len(ids) for ids, _, _ in built])
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -204,15 +204,17 @@ class StepStream:
 
     `packs` (packing.Packing.packs): the items are packs of sample indices, collated as packed rows.
     `shard` (rank, world): this rank's share of each epoch's order (packing.shard_for_rank), equal on every rank.
+    `pad_to` (pad_to_sequence_len): every micro-batch is at least this wide, so every step has the same shapes.
     """
 
     def __init__(self, samples: list[Sample], micro_batch_size: int, grad_accum: int, pad_id: int, seed: int,
                  start: DataPosition = DataPosition(), image_encoder=None, packs: list[list[int]] | None = None,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), pad_to: int = 0):
         if not samples:
             raise ValueError("no training samples")
         self.samples = samples
         self.packs = packs
+        self.pad_to = pad_to
         self.mbs = micro_batch_size
         self.accum = grad_accum
         self.pad_id = pad_id
@@ -243,9 +245,9 @@ class StepStream:
 
     def collate(self, idx: list[int]) -> Batch:
         if self.packs is None:
-            return collate([self.samples[i] for i in idx], self.pad_id, self.image_encoder)
+            return collate([self.samples[i] for i in idx], self.pad_id, self.image_encoder, self.pad_to)
         rows = [[self.samples[j] for j in self.packs[i]] for i in idx]
-        return collate_packed(rows, self.pad_id, self.image_encoder)
+        return collate_packed(rows, self.pad_id, self.image_encoder, self.pad_to)
 
     def __iter__(self) -> Iterator[tuple[DataPosition, list[Batch]]]:
         epoch, step = self.start.epoch, self.start.step
@@ -263,13 +265,13 @@ def items_per_rank(n_items: int, world: int) -> int:
 
 
 def eval_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, image_encoder=None,
-                 packs: list[list[int]] | None = None) -> Iterator[Batch]:
+                 packs: list[list[int]] | None = None, pad_to: int = 0) -> Iterator[Batch]:
     """The held-out split in file order, micro_batch_size samples at a time (collated lazily: images are big).
-    With `packs`, micro_batch_size packed rows at a time, in pack order."""
+    With `packs`, micro_batch_size packed rows at a time, in pack order. `pad_to` as in StepStream."""
     if packs is not None:
         for i in range(0, len(packs), micro_batch_size):
             rows = [[samples[j] for j in pack] for pack in packs[i:i + micro_batch_size]]
-            yield collate_packed(rows, pad_id, image_encoder)
+            yield collate_packed(rows, pad_id, image_encoder, pad_to)
         return
     for i in range(0, len(samples), micro_batch_size):
-        yield collate(samples[i:i + micro_batch_size], pad_id, image_encoder)
+        yield collate(samples[i:i + micro_batch_size], pad_id, image_encoder, pad_to)

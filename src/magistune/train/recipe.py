@@ -177,8 +177,9 @@ def _train(cfg: Config, par) -> int:
     if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
         say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
     image_encoder = tokenizer.instruct_tokenizer.image_encoder  # None without an image config
+    pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else 0  # fixed shapes: every batch sequence_len wide
     evals = lambda: par.eval_share(eval_batches(data.eval, mbs, pad_id, image_encoder,  # noqa: E731 (collated anew)
-                                                eval_packed.packs if eval_packed else None))
+                                                eval_packed.packs if eval_packed else None, pad_to))
     loss_fn, autocast = par.wrap_loss(loss_fn_for(cfg)), autocast_for(device, dtype)
 
     # --- resume -------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def _train(cfg: Config, par) -> int:
     stop = StopFlag()
     stop.install()
     stream = iter(StepStream(data.train, mbs, accum, pad_id, cfg.seed, start=position, image_encoder=image_encoder,
-                             packs=packed.packs if packed else None, shard=(par.rank, par.world)))
+                             packs=packed.packs if packed else None, shard=(par.rank, par.world), pad_to=pad_to))
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf  # inf: measure only
     longest, run_seconds, run_steps = 0, 0.0, 0  # this process's steps, for the ETA
