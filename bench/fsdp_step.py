@@ -5,7 +5,7 @@
     torchrun --standalone --nproc-per-node 2 bench/fsdp_step.py --mode qlora --layers 40 --out fsdp.jsonl
     python bench/fsdp_step.py --report fsdp.jsonl          # the markdown table of docs/multi-gpu.md
 
-The model is built and sharded exactly as `magistune train` does it (magistune.train.distributed): full and LoRA
+The model is built and sharded exactly as `magistune train` does it (magistune.train.sharding): full and LoRA
 on the meta device, then each rank fills its own shards with random values (nobody holds the whole model); QLoRA
 with random_init.random_model on every GPU (NF4 packed in bf16 storage), then sharded. The step is the recipe's:
 forward_backward with the all-rank token normaliser through the FSDP root, global gradient clipping, AdamW.

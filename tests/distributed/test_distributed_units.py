@@ -14,7 +14,8 @@ from magistune.config import ConfigError, parse_config
 from magistune.data.sample import IGNORE_INDEX, Sample
 from magistune.train import distributed
 from magistune.train.batches import collate
-from magistune.train.distributed import Distributed, Single, describe_disagreement, sample_digest
+from magistune.train.distributed import Distributed, Single
+from magistune.train.rank_agreement import describe_disagreement, sample_digest
 
 BASE = {"base_model": "tiny-random", "datasets": [{"path": "data.jsonl"}]}
 
