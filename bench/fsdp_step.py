@@ -68,7 +68,8 @@ def report(path: Path) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         engine = r["engine"] + (" + cpu offload" if r.get("offload") else "") + \
-            (", no reshard" if r["engine"] == "fsdp" and r.get("reshard") is False else "")
+            (", no reshard" if r["engine"] == "fsdp" and r.get("reshard") is False else "") + \
+            (", adapter grads reduced every micro-batch" if r.get("sync_every_micro") else "")
         peaks = " / ".join(f"{p:.1f}" for p in r["peak_gib_per_gpu"]) if r["peak_gib_per_gpu"][0] is not None else "–"
         lines.append(f"| {r['mode']} | {engine} | {r['layers']} | {r['gpus']} | {r['mbs']} × {r['accum']} | "
                      f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {peaks} |")
@@ -81,6 +82,8 @@ def main() -> None:
     p.add_argument("--engine", choices=["fsdp", "ddp"], default="fsdp")
     p.add_argument("--offload", action="store_true", help="fsdp_cpu_offload")
     p.add_argument("--no-reshard", action="store_true", help="fsdp_reshard_after_forward: false")
+    p.add_argument("--sync-every-micro", action="store_true",
+                   help="reduce adapter gradients after every micro-batch (not only the last): for comparison")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--mbs", type=int, default=1)
     p.add_argument("--accum", type=int, default=4)
@@ -124,7 +127,8 @@ def main() -> None:
 
     def step() -> int:
         result = par.step_total(forward_backward(model, [micro_batch() for _ in range(args.accum)], loss_fn, autocast,
-                                                 device, par.normaliser, par.grad_sync))
+                                                 device, par.normaliser,
+                                                 None if args.sync_every_micro else par.grad_sync))
         par.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -146,7 +150,7 @@ def main() -> None:
     peaks = [None] * par.world
     dist.all_gather_object(peaks, round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
     row = {
-        "mode": args.mode, "engine": args.engine, "offload": args.offload, "reshard": not args.no_reshard, "gpus": par.world,
+        "mode": args.mode, "engine": args.engine, "offload": args.offload, "reshard": not args.no_reshard, "sync_every_micro": args.sync_every_micro, "gpus": par.world,
         "layers": model_config(args).num_hidden_layers,
         "seq": args.seq, "mbs": args.mbs, "accum": args.accum, "steps": args.steps,
         "tokens_per_s": round(tokens / seconds, 1), "tokens_per_s_per_gpu": round(tokens / seconds / par.world, 1),

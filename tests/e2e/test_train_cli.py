@@ -194,3 +194,23 @@ def test_sigint_saves_a_checkpoint_and_exits_130(workdir):
     logged = max(rows(out, "loss"))
     assert read_state(ckpt)["step"] == logged == int(ckpt.name.split("-")[1])
     assert logged < 500
+
+
+def test_memory_options_train_the_same_curve(workdir):
+    """tiled_mlp, the liger swaps (plain torch on the CPU, said in a note) and pad_to_sequence_len change how the
+    step is computed, not what: the per-step losses, gradient norms and eval losses equal a plain run's."""
+    lora = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4, "lora_alpha": 8, "max_steps": 3,
+            "eval_steps": 3, "gradient_checkpointing": True}  # no dropout: shards draw other masks
+    curves = {}
+    for name, keys in {"plain": {}, "memory": {"tiled_mlp": True, "tiled_mlp_num_shards": 3, "liger_rms_norm": True,
+                                                "liger_glu_activation": True, "pad_to_sequence_len": True}}.items():
+        rc, log = run(write_cfg(workdir, f"mem-{name}", **lora, **keys))
+        assert rc == 0, log
+        curves[name] = [json.loads(line) for line in (workdir / f"out-mem-{name}" / "metrics.jsonl").read_text().splitlines()]
+        if name == "memory":
+            assert "tiled_mlp: 2 MLPs run in 3 checkpointed shards" in log and "liger kernels need a CUDA GPU" in log
+    assert [r["step"] for r in curves["plain"]] == [r["step"] for r in curves["memory"]]
+    for a, b in zip(curves["plain"], curves["memory"]):
+        for key in ("loss", "grad_norm", "eval_loss", "trained_tokens"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
