@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import Mistral3ForConditionalGeneration, MistralForCausalLM
 
-from export_helpers import save_random_adapter
+from adapter_helpers import save_adapter
 from magistune.cli import main
 from magistune.export.merge import MergeError, merge_adapter
 from magistune.export.shards import checkpoint_files
@@ -54,7 +54,7 @@ def write_cfg(root, **keys):
 def test_merge_text_model_through_the_cli(tiny_dir, tmp_path, capsys):
     keys = {"lora_target_modules": ["lm_head", "embed_tokens"]}  # an embedding and lm_head get LoRA too
     cfg = write_cfg(tmp_path, **keys)
-    save_random_adapter("tiny-random", tmp_path / "out", **keys)
+    save_adapter("tiny-random", tmp_path / "out", **keys)
     out = tmp_path / "merged"
     assert main(["merge", str(cfg), "--output", str(out), "--max-shard-size", "20MB"]) == 0
     printed = capsys.readouterr().out
@@ -79,7 +79,7 @@ def test_merge_text_model_through_the_cli(tiny_dir, tmp_path, capsys):
 
 
 def test_merge_report_memory(tiny_dir, tmp_path):
-    save_random_adapter("tiny-random", tmp_path / "ad", lora_target_modules=["lm_head"])
+    save_adapter("tiny-random", tmp_path / "ad", lora_target_modules=["lm_head"])
     report = merge_adapter(tiny_dir, tmp_path / "ad", tmp_path / "m")
     # The largest live set: lm_head, 131,072 × 64 = 8.4M weights × (4 in + 4 fp32 copy + 4 B@A + 2 bf16 out) =
     # 14 bytes = 112 MiB. Its input is fp32 here: PEFT saves a targeted lm_head's base weight in the adapter, in
@@ -89,7 +89,7 @@ def test_merge_report_memory(tiny_dir, tmp_path):
 
 
 def test_merge_vision_model_keeps_checkpoint_names(vision_dir, tmp_path):
-    adapter = save_random_adapter("tiny-random-vision", tmp_path / "ad", seed=1)
+    adapter = save_adapter("tiny-random-vision", tmp_path / "ad", seed=1)
     report = merge_adapter(vision_dir, adapter, tmp_path / "m")
     assert len(report.merged) == 14  # the language model's linears only; the checkpoint says language_model.model.*
     assert tensors(tmp_path / "m").keys() == tensors(vision_dir).keys()
@@ -104,7 +104,7 @@ def test_merge_qlora_uses_the_bf16_checkpoint(tiny_dir, tmp_path, capsys):
     base + adapter), which differs by the NF4 rounding of the base: a much larger error."""
     keys = {"adapter": "qlora", "load_in_4bit": True}
     cfg = write_cfg(tmp_path, **keys)
-    save_random_adapter("tiny-random", tmp_path / "out", seed=2, **keys)
+    save_adapter("tiny-random", tmp_path / "out", seed=2, **keys)
     assert main(["merge", str(cfg), "--output", str(tmp_path / "m")]) == 0
     assert "re-read in bf16 from the original checkpoint" in capsys.readouterr().err
     merged = logits(MistralForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32))
@@ -123,7 +123,7 @@ def test_merge_qlora_uses_the_bf16_checkpoint(tiny_dir, tmp_path, capsys):
 
 
 def test_unsupported_or_mismatched_adapters_are_refused(tiny_dir, vision_dir, tmp_path, capsys):
-    adapter = save_random_adapter("tiny-random-vision", tmp_path / "vision-ad")
+    adapter = save_adapter("tiny-random-vision", tmp_path / "vision-ad")
     with pytest.raises(MergeError, match="not in the base checkpoint"):
         merge_adapter(tiny_dir, adapter, tmp_path / "m1")
     dora = tmp_path / "dora"

@@ -11,7 +11,7 @@ import yaml
 from transformers import MistralForCausalLM
 from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
-from export_helpers import save_random_adapter
+from adapter_helpers import save_adapter
 from magistune.cli import main
 from magistune.export.native import ExportError, hf_layout_for, hf_to_native, native_to_hf
 from magistune.export.shards import checkpoint_files
@@ -101,7 +101,7 @@ def test_hf_layout_for_converts_once(native_dir, tmp_path):
 def test_vision_and_adapter_outputs_are_refused_clearly(vision_dir, tmp_path, capsys):
     with pytest.raises(ExportError, match="vision tower"):
         hf_to_native(vision_dir, tmp_path / "v")
-    save_random_adapter("tiny-random", tmp_path / "out")
+    save_adapter("tiny-random", tmp_path / "out")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"base_model": "tiny-random", "datasets": [{"path": "d.jsonl"}], "adapter": "lora",
                                    "lora_target_linear": True, "output_dir": "out"}), encoding="utf-8")

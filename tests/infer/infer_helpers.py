@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from transformers import MistralForCausalLM
 
-from magistune.config import parse_config
 from magistune.tokenizer import SpecialIds
 
 THINKING_TEXT = "Let me think"
@@ -53,22 +52,4 @@ def write_scripted_model(base_dir: Path, out_dir: Path, tok) -> Path:
             model.lm_head.weight[y] = 10 * h / h.norm()
     model.to(torch.bfloat16).save_pretrained(out_dir)
     shutil.copyfile(base_dir / "tekken.json", out_dir / "tekken.json")
-    return out_dir
-
-
-def save_adapter(base_model: str, out_dir: Path, random_b: bool, seed: int = 0, **keys) -> Path:
-    """A LoRA adapter as magistune trains it (apply_lora), saved with PEFT. random_b=False keeps PEFT's
-    initialisation (B = 0: the adapter changes nothing); True fills B (and embedding A) with noise."""
-    from magistune.model import build_model
-
-    cfg, _ = parse_config({"base_model": base_model, "datasets": [{"path": "-"}], "adapter": "lora",
-                           "lora_target_linear": True, "lora_r": 4, **keys})
-    model, _, _ = build_model(cfg, torch.device("cpu"))
-    if random_b:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name or "lora_embedding" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(out_dir)
     return out_dir

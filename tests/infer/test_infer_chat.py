@@ -8,7 +8,8 @@ import sys
 
 import yaml
 
-from infer_helpers import ANSWER_TEXT, THINKING_TEXT, save_adapter
+from adapter_helpers import save_adapter
+from infer_helpers import ANSWER_TEXT, THINKING_TEXT
 from magistune.cli import main
 from magistune.infer.chat import DIM, RESET, Session, Style, read_message, run_chat
 from magistune.infer.sampling import SamplingOptions

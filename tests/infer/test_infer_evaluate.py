@@ -12,7 +12,7 @@ import yaml
 from peft import PeftModel
 from transformers import MistralForCausalLM
 
-from infer_helpers import save_adapter
+from adapter_helpers import save_adapter
 from magistune.cli import main
 from magistune.config import load_config
 from magistune.data.build import prepare_data

@@ -13,7 +13,7 @@ paid only when you turn it on for long sequences).
 
 The swapped module keeps the children's names (`mlp.gate_proj`, `input_layernorm.weight`, …), so state dicts,
 PEFT target names and saved adapters do not change. Swap before LoRA wraps the linears. The liger kernels need
-CUDA + Triton; elsewhere the same modules compute the same thing in plain torch (tests compare the two on GPU).
+CUDA + Triton + liger-kernel; without them the stock modules stay, with a note (tests compare both on a GPU).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class FusedRMSNorm(nn.Module):
         self.weight, self.variance_epsilon = weight, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:  # MistralRMSNorm's own arithmetic
+        if not x.is_cuda:  # MistralRMSNorm's own arithmetic (a model moved off the GPU)
             dtype = x.dtype
             h = x.to(torch.float32)
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -97,27 +97,28 @@ def apply_fused_parts(model: nn.Module, cfg, device: torch.device) -> list[str]:
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralMLP, MistralModel, MistralRMSNorm
 
     text = model.config.get_text_config()
-    notes, liger = [], cfg.liger_glu_activation or cfg.liger_rms_norm
-    why = liger_ready(device) if liger else None
-    if why:
-        notes.append(f"liger_glu_activation / liger_rms_norm: {why}; the same arithmetic runs in plain torch")
     if cfg.liger_glu_activation and text.hidden_act != "silu":
         raise ModelError(f"liger_glu_activation: the model's hidden_act is {text.hidden_act!r}; the kernel is SiLU's")
+    notes, glu, rms = [], cfg.liger_glu_activation, cfg.liger_rms_norm
+    why = liger_ready(device) if glu or rms else None
+    if why:
+        notes.append(f"liger_glu_activation / liger_rms_norm: {why}; the stock modules stay (same arithmetic)")
+        glu = rms = False
     shards = tiled_shards(cfg, text.hidden_size) if cfg.tiled_mlp else 1
     n_mlp = n_norm = 0
     for module in list(model.modules()):
         if isinstance(module, MistralDecoderLayer):
-            if (cfg.tiled_mlp or cfg.liger_glu_activation) and isinstance(module.mlp, MistralMLP):
+            if (cfg.tiled_mlp or glu) and isinstance(module.mlp, MistralMLP):
                 m = module.mlp
-                module.mlp = SwiGLUMLP(m.gate_proj, m.up_proj, m.down_proj, m.act_fn, shards, cfg.liger_glu_activation)
+                module.mlp = SwiGLUMLP(m.gate_proj, m.up_proj, m.down_proj, m.act_fn, shards, glu)
                 n_mlp += 1
-            if cfg.liger_rms_norm:
+            if rms:
                 for name in ("input_layernorm", "post_attention_layernorm"):
                     norm = getattr(module, name)
                     if isinstance(norm, MistralRMSNorm):
                         setattr(module, name, FusedRMSNorm(norm.weight, norm.variance_epsilon))
                         n_norm += 1
-        elif isinstance(module, MistralModel) and cfg.liger_rms_norm and isinstance(module.norm, MistralRMSNorm):
+        elif isinstance(module, MistralModel) and rms and isinstance(module.norm, MistralRMSNorm):
             module.norm = FusedRMSNorm(module.norm.weight, module.norm.variance_epsilon)
             n_norm += 1
     if cfg.tiled_mlp:
