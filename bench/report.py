@@ -24,7 +24,7 @@ def tags(r: dict) -> str:
     out += f" +tiled-mlp×{r['tiled_mlp']}" if r.get("tiled_mlp") else ""
     out += f" dropout {r['dropout']}" if r.get("dropout", 0.05) != 0.05 else ""
     out += f" ({r['no_ckpt']} layers not checkpointed)" if r.get("no_ckpt") else ""
-    out += f" [{r['attn']}]" if r.get("attn", "sdpa") != "sdpa" else ""
+    out += f" [{r['attn']}]" if r.get("attn") not in (None, "sdpa") else ""
     return out.strip()
 
 

@@ -147,7 +147,8 @@ def main() -> None:
     p.add_argument("--packing", action="store_true", help="random-length samples packed into rows of --seq")
     p.add_argument("--cce", action="store_true", help="Cut Cross Entropy (magistune side)")
     p.add_argument("--offload", action="store_true", help="activation offloading (magistune side)")
-    p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flex_attention, flash_attention_2, eager")
+    p.add_argument("--attn", default=None, help="attn_implementation: sdpa, flex_attention, flash_attention_2, eager; "
+                   "unset: magistune's choice (torch's varlen kernel for packed rows on CUDA, else sdpa)")
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (both sides)")
     p.add_argument("--liger", action="store_true", help="liger_rms_norm + liger_glu_activation (magistune side)")
     p.add_argument("--tiled-mlp", type=int, default=0, help="tiled_mlp with this many shards (magistune side)")
@@ -271,7 +272,7 @@ def main() -> None:
         tokens = sum(counted)
     row = {
         "side": args.side + ("-vision" if args.vision else ""), "image_px": args.image_px if args.vision else None, "seq": args.seq, "mbs": args.mbs, "accum": args.accum, "layers": args.layers,
-        "attn": args.attn, "packing": args.packing, "random_lengths": args.random_lengths or args.packing,
+        "attn": model.config.get_text_config()._attn_implementation, "packing": args.packing, "random_lengths": args.random_lengths or args.packing,
         "packing_efficiency": round(BATCH_STATS["efficiency"], 4) if args.packing else None,
         "padding_share": round(BATCH_STATS["padding"], 4) if args.random_lengths and not args.packing else None,
         "cce": args.cce, "offload": args.offload, "dropout": args.dropout, "liger": args.liger,

@@ -235,13 +235,21 @@ def test_packed_vision_row_keeps_each_image_with_its_sample(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("attn", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.xfail(
     reason="failed on the H200 (torch 2.11, 2026-11-29); not yet investigated: use sdpa or flash_attention_2 "
-           "with sample_packing", strict=False)), "flash_attention_2"])
+           "with sample_packing", strict=False)), "flash_attention_2", "magistune_varlen"])
 def test_packed_batch_equals_one_by_one_on_cuda(tiny_dir, attn):
-    """The GPU attention paths: sdpa and flex with the block-diagonal mask, flash_attention_2 with cu_seq_lens."""
+    """The GPU attention paths: sdpa and flex with the block-diagonal mask, flash_attention_2 and torch's varlen
+    kernel (what training with sample_packing picks on CUDA) with cu_seq_lens."""
     dtype = torch.float32
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn")
         dtype = torch.bfloat16  # flash kernels take bf16/fp16 only
+    if attn == "magistune_varlen":
+        from magistune.model.varlen_attention import register, varlen_kernel
+
+        if varlen_kernel() is None:
+            pytest.skip("this torch has no torch.nn.attention.varlen")
+        register()
+        dtype = torch.bfloat16
     samples = random_samples([70, 120, 50, 200, 90, 30, 10], first_trained=True)
     packed = collate_packed([samples[:3], samples[3:]], PAD)
     singles = [collate([s], PAD).to("cuda") for s in samples]

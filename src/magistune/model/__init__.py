@@ -42,7 +42,7 @@ from magistune.model.tiny import (
 def build_model(cfg: Config, device: torch.device, tokenizer=None) -> tuple[nn.Module, ModelInfo, Path]:
     """Everything the config says about the model, in order. Returns the model, its sizes and its folder."""
     model_dir = resolve_model_dir(cfg.base_model, cfg.config_dir)
-    model, _ = load_model(cfg, model_dir, torch.device(device), tokenizer=tokenizer)
+    model, _ = load_model(cfg, model_dir, torch.device(device), tokenizer=tokenizer, training=True)
     notes = apply_fused_parts(model, cfg, torch.device(device))  # tiled MLP / liger kernels, before LoRA wraps
     if cfg.adapter and cfg.lora_model_dir:  # continue training a saved adapter
         if cfg.gradient_checkpointing:

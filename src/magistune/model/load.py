@@ -28,6 +28,7 @@ import torch.nn as nn
 from transformers import AutoConfig, BitsAndBytesConfig, MistralConfig, PretrainedConfig
 
 from magistune.config import Config, ConfigError
+from magistune.model import varlen_attention
 from magistune.model.parts import model_class, model_kind, outside_decoder
 from magistune.model.tiny import TINY_NAMES, materialize_tiny
 from magistune.tokenizer import find_tokenizer_file, load_tokenizer, vocab_size
@@ -160,7 +161,9 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
-def resolve_attn(cfg: Config, device: torch.device) -> str:
+def resolve_attn(cfg: Config, device: torch.device, training: bool = False) -> str:
+    """The attn_implementation to load with. Training with sample_packing on CUDA, when the config names no
+    attention, uses torch's variable-length flash kernel (varlen_attention.py) instead of sdpa + a dense mask."""
     want = cfg.attn_implementation or ("flash_attention_2" if cfg.flash_attention else "sdpa")
     if want == "flash_attention_2":
         if device.type != "cuda":
@@ -169,15 +172,19 @@ def resolve_attn(cfg: Config, device: torch.device) -> str:
         if importlib.util.find_spec("flash_attn") is None:
             print("note: flash_attention_2 requested but flash_attn is not installed; using sdpa", file=sys.stderr)
             return "sdpa"
+    explicit = cfg.attn_implementation is not None or cfg.flash_attention
+    if training and cfg.sample_packing and not explicit and varlen_attention.available(device):
+        return varlen_attention.register()
     return want
 
 
-def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=None) -> tuple[nn.Module, "ModelInfo"]:
+def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=None,
+               training: bool = False) -> tuple[nn.Module, "ModelInfo"]:
     """Load the model in `model_dir` onto `device` as `cfg` says.
 
     Full fine-tuning honours unfrozen_parameters; with an adapter every weight is still trainable here and
     apply_lora / load_adapter freeze them. `tokenizer` (a MistralTokenizer) defaults to cfg.tokenizer_path,
-    else the model folder's own; only its vocabulary size is used.
+    else the model folder's own; only its vocabulary size is used. `training`: see resolve_attn.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -190,7 +197,7 @@ def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=Non
 
     cls = model_class(config)
     dtype = resolve_dtype(cfg, device)
-    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg, device), device_map={"": device})
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg, device, training), device_map={"": device})
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = _nf4_config(cls, config, dtype, sharded=cfg.fsdp)
     model = cls.from_pretrained(model_dir, config=config, **kwargs)

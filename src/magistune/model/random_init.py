@@ -38,7 +38,7 @@ def random_model(config: PretrainedConfig, cfg: Config, device: torch.device, se
     (packed into tensors of the compute dtype with cfg.fsdp, as load_model does: FSDP2 shards them like bf16)."""
     device = torch.device(device)
     dtype = resolve_dtype(cfg, device)
-    config._attn_implementation = resolve_attn(cfg, device)
+    config._attn_implementation = resolve_attn(cfg, device, training=True)  # benchmarks train
     torch.manual_seed(seed)
     with torch.device(device):
         model = model_class(config)._from_config(config, dtype=dtype)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from magistune.data.sample import IGNORE_INDEX
+from magistune.model.varlen_attention import NAME as VARLEN
 from magistune.train.batches import Batch
 from magistune.train.offload import OffloadActivations
 
@@ -129,9 +130,11 @@ def fallback_note(why: str) -> str:
 
 
 def uses_varlen_attention(body: nn.Module) -> bool:
-    """Flash attention kernels (flash_attention_2/3, hub flash kernels) take packed boundaries as cu_seq_lens;
-    the others (sdpa, eager, flex) get a block-diagonal mask that transformers builds from position_ids."""
-    return "flash" in (body.config.get_text_config()._attn_implementation or "")
+    """Flash attention kernels (flash_attention_2/3, hub flash kernels, torch's varlen: model/varlen_attention.py)
+    take packed boundaries as cu_seq_lens; the others (sdpa, eager, flex) get a block-diagonal mask that
+    transformers builds from position_ids."""
+    impl = body.config.get_text_config()._attn_implementation or ""
+    return "flash" in impl or impl == VARLEN
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch, cce: bool = False, offload: bool = False) -> torch.Tensor:

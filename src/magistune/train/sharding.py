@@ -176,7 +176,7 @@ def _build_from_rank0(par, cfg: Config, tokenizer):
     from magistune.model.load import check_model_dir, resolve_attn, resolve_model_dir
     from magistune.model.parts import model_class
 
-    attn = resolve_attn(cfg, par.device)
+    attn = resolve_attn(cfg, par.device, training=True)
     full, buffers, trainable, info = {}, {}, None, None
     if par.is_main:  # the CPU copy, only a source of weights: the GPUs' dtype (never runs a forward)
         host_cfg = cfg.model_copy(update={"bf16": par.dtype == torch.bfloat16, "attn_implementation": "sdpa",
@@ -239,7 +239,7 @@ def build_random_model(par, config, cfg: Config):
     par.dtype = resolve_dtype(cfg, par.device)
     if par.mode == "fsdp" and not cfg.load_in_4bit:
         torch.manual_seed(cfg.seed)
-        config._attn_implementation = resolve_attn(cfg, par.device)
+        config._attn_implementation = resolve_attn(cfg, par.device, training=True)
         with torch.device("meta"):
             model = model_class(config)._from_config(config, dtype=par.dtype)
         model = _adapt_like_build_model(model, cfg)
