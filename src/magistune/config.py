@@ -189,9 +189,6 @@ class Config(_Strict):
             self.resume_from_checkpoint = None
         if self.activation_offloading and not self.gradient_checkpointing:
             self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
-        if self.tiled_mlp and (self.fsdp or self.ddp):
-            raise ValueError("tiled_mlp has not been tested with fsdp/ddp yet, so magistune refuses the combination; "
-                             "drop tiled_mlp (or fsdp/ddp)")
         if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
             raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
                              "drop them, or use ddp: true")

@@ -216,3 +216,21 @@ def test_normalised_gradient_equals_the_global_batch_gradient():
     for w, a, b in zip(want, *grads):
         torch.testing.assert_close((a + b) / 2, w, rtol=1e-5, atol=1e-7)
     assert ref.n_trained == total
+
+
+def test_meta_device_build_gets_the_tiled_mlp():
+    """FSDP2's full fine-tune builds its model on the meta device (sharding._build_from_rank0); the tiled MLP is
+    swapped in there too, under the names rank 0's weights arrive with."""
+    from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+
+    from magistune.model import tiny_text_config
+    from magistune.model.fused import SwiGLUMLP
+    from magistune.train.sharding import _adapt_like_build_model
+
+    cfg, _ = cfg_of(tiled_mlp=True, tiled_mlp_num_shards=3, gradient_checkpointing=True)
+    with torch.device("meta"):
+        model = MistralForCausalLM(tiny_text_config())
+    names = list(model.state_dict())
+    model = _adapt_like_build_model(model, cfg, torch.device("cpu"))
+    assert all(isinstance(layer.mlp, SwiGLUMLP) and layer.mlp.shards == 3 for layer in model.model.layers)
+    assert list(model.state_dict()) == names

@@ -106,6 +106,9 @@ def runs(request, tmp_path_factory, fast_tokenizer):
     ddp_lora = {**LORA, "micro_batch_size": 1, "gradient_accumulation_steps": 4, "ddp": True}
     write(root, device, "ddp_lora", **ddp_lora)
     write(root, device, "ddp_lora_resumed", **ddp_lora, output_dir="out_ddp_lora", resume_from_checkpoint="auto")
+    tiled = {"tiled_mlp": True, "tiled_mlp_num_shards": 3}  # the MLP's checkpointed shards inside FSDP/DDP units
+    write(root, device, "fsdp_lora_tiled", **LORA, **tiled, gradient_accumulation_steps=RUNS["lora"][2], fsdp=True)
+    write(root, device, "ddp_lora_tiled", **ddp_lora, **tiled)
     write(root, device, "fsdp_full_offload", **{**FULL, "max_steps": 2, "micro_batch_size": 1},
           gradient_accumulation_steps=2, fsdp=True, fsdp_cpu_offload=True)
     plan = [{"name": "fsdp_full", "config": str(root / "fsdp_full.yaml")},
@@ -114,6 +117,8 @@ def runs(request, tmp_path_factory, fast_tokenizer):
             {"name": "ddp_lora", "config": str(root / "ddp_lora.yaml")},
             resumed(root, "ddp_lora", 3, "adapter_model.safetensors"),
             {"name": "fsdp_qlora", "config": str(root / "fsdp_qlora.yaml")},
+            {"name": "fsdp_lora_tiled", "config": str(root / "fsdp_lora_tiled.yaml")},
+            {"name": "ddp_lora_tiled", "config": str(root / "ddp_lora_tiled.yaml")},
             {"name": "fsdp_full_offload", "config": str(root / "fsdp_full_offload.yaml")},
             {"name": "disagree", "config": str(root / "fsdp_lora.yaml"), "overrides": {"1": {"learning_rate": 1e-3}}}]
     if device == "cpu":
@@ -195,6 +200,13 @@ def test_bf16_mixed_precision_matches_one_process(runs, two):
         pytest.skip("on GPUs every run is bf16")
     one = "single_" + two.split("_", 1)[1]
     assert_same_curve(metrics(runs["root"], one), metrics(runs["root"], two), BF16_TOLERANCE)
+
+
+@pytest.mark.parametrize("two", ["fsdp_lora_tiled", "ddp_lora_tiled"])
+def test_tiled_mlp_matches_one_process(runs, two):
+    """tiled_mlp under FSDP2 and DDP: the shards' recompute runs inside the engines' backward hooks, and the
+    curve is the one-process run without tiling (the tiled MLP computes the same function, no dropout here)."""
+    assert_same_curve(metrics(runs["root"], "single_lora"), metrics(runs["root"], two), runs["tol"])
 
 
 def test_ddp_matches_one_process(runs):

@@ -100,8 +100,6 @@ def test_shard_count_follows_sequence_length(make_cfg):
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"tiled_mlp": True, "fsdp": True}, "tiled_mlp has not been tested with fsdp/ddp"),
-    ({"tiled_mlp": True, "ddp": True}, "tiled_mlp has not been tested with fsdp/ddp"),
     ({"liger_rms_norm": True, "fsdp": True}, "not wired into the FSDP2 model build"),
     ({"liger_rope": True}, "RoPE is applied inside transformers' attention"),
     ({"liger_fused_linear_cross_entropy": True}, "use cut_cross_entropy"),

@@ -192,7 +192,7 @@ def _build_from_rank0(par, cfg: Config, tokenizer):
     config._attn_implementation = attn
     with torch.device("meta"):
         model = model_class(config)._from_config(config, dtype=par.dtype)
-    model = _adapt_like_build_model(model, cfg)
+    model = _adapt_like_build_model(model, cfg, par.device)
     wanted = set(trainable)
     for name, p in model.named_parameters():
         p.requires_grad = name in wanted
@@ -242,25 +242,27 @@ def build_random_model(par, config, cfg: Config):
         config._attn_implementation = resolve_attn(cfg, par.device, training=True)
         with torch.device("meta"):
             model = model_class(config)._from_config(config, dtype=par.dtype)
-        model = _adapt_like_build_model(model, cfg)
+        model = _adapt_like_build_model(model, cfg, par.device)
         info = model_info(model)
         par.root = fsdp_shard(model, cfg, par.mesh, par.dtype)
         model.to_empty(device=torch.device("cpu") if cfg.fsdp_cpu_offload else par.device)
         init_random_shards(model, par.device, seed=cfg.seed + par.rank)
         return model, info
     model, _ = random_model(config, cfg, par.device, seed=cfg.seed)
-    model = _adapt_like_build_model(model, cfg)
+    model = _adapt_like_build_model(model, cfg, par.device)
     info = model_info(model)
     par.root = fsdp_shard(model, cfg, par.mesh, par.dtype) if par.mode == "fsdp" else _ddp(par, model)
     return model, info
 
 
-def _adapt_like_build_model(model: nn.Module, cfg: Config) -> nn.Module:
-    """What model.build_model does after loading (LoRA, checkpointing), here on a weightless model."""
+def _adapt_like_build_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """What model.build_model does after loading (fused parts, LoRA, checkpointing), here on a weightless model."""
     from peft import LoraConfig, get_peft_model
 
     from magistune.model import apply_lora, enable_checkpointing
+    from magistune.model.fused import apply_fused_parts
 
+    apply_fused_parts(model, cfg, device)  # module swaps only: fine on the meta device; rank 0 reported the notes
     if cfg.adapter and cfg.lora_model_dir:
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
