@@ -83,19 +83,21 @@ def test_eval_batches_cover_the_split_in_order():
 
 
 def test_pad_to_sequence_len_fixes_every_width():
-    """pad_to_sequence_len: train (plain and packed) and eval batches are all `pad_to` wide; the padding adds no
-    trained token and no attended position."""
+    """pad_to_sequence_len: train (plain and packed) and eval batches are all `pad_to` wide, and each is the
+    unpadded batch followed by pad ids, IGNORE labels and mask 0: no trained token, no attended position added."""
     from magistune.train.packing import pack_samples
 
+    def batches(pad_to: int):
+        packs = pack_samples(samples, 32, seed=0).packs
+        plain = [b for _, m in itertools.islice(StepStream(samples, 2, 2, pad_id=7, seed=1, pad_to=pad_to), 3) for b in m]
+        packed = [b for _, m in itertools.islice(StepStream(samples, 2, 1, pad_id=7, seed=1, packs=packs,
+                                                            pad_to=pad_to), 2) for b in m]
+        return plain + packed + list(eval_batches(samples, 4, pad_id=7, pad_to=pad_to))
+
     samples = make_samples(9)
-    plain = [b for _, micro in itertools.islice(StepStream(samples, 2, 2, pad_id=0, seed=1, pad_to=64), 3) for b in micro]
-    packs = pack_samples(samples, 32, seed=0).packs
-    packed = [b for _, micro in itertools.islice(StepStream(samples, 2, 1, pad_id=0, seed=1, packs=packs, pad_to=64), 2)
-              for b in micro]
-    evals = list(eval_batches(samples, 4, pad_id=0, pad_to=64))
-    for b in plain + packed + evals:
-        assert b.input_ids.shape[1] == 64
-        assert int(b.attention_mask.sum()) == b.n_tokens
-    unpadded = [b for _, micro in itertools.islice(StepStream(samples, 2, 2, pad_id=0, seed=1), 3) for b in micro]
-    assert [b.n_trained for b in unpadded] == [b.n_trained for b in plain]
-    assert max(b.input_ids.shape[1] for b in unpadded) < 64
+    for short, wide in zip(batches(0), batches(64), strict=True):
+        w = short.input_ids.shape[1]
+        assert w < 64 and wide.input_ids.shape[1] == 64
+        assert torch.equal(wide.input_ids[:, :w], short.input_ids) and (wide.input_ids[:, w:] == 7).all()
+        assert torch.equal(wide.labels[:, :w], short.labels) and (wide.labels[:, w:] == IGNORE_INDEX).all()
+        assert torch.equal(wide.attention_mask[:, :w], short.attention_mask) and not wide.attention_mask[:, w:].any()

@@ -73,11 +73,10 @@ class FusedRMSNorm(nn.Module):
         self.weight, self.variance_epsilon = weight, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:  # MistralRMSNorm's own arithmetic (a model moved off the GPU)
-            dtype = x.dtype
-            h = x.to(torch.float32)
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return self.weight * h.to(dtype)
+        if not x.is_cuda:  # a model moved off the GPU: MistralRMSNorm's own forward (same attribute names)
+            from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+            return MistralRMSNorm.forward(self, x)
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
         return LigerRMSNormFunction.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", False)
@@ -105,7 +104,7 @@ def apply_fused_parts(model: nn.Module, cfg, device: torch.device) -> list[str]:
         notes.append(f"liger_glu_activation / liger_rms_norm: {why}; the stock modules stay (same arithmetic)")
         glu = rms = False
     shards = tiled_shards(cfg, text.hidden_size) if cfg.tiled_mlp else 1
-    n_mlp = n_norm = 0
+    n_mlp = 0
     for module in list(model.modules()):
         if isinstance(module, MistralDecoderLayer):
             if (cfg.tiled_mlp or glu) and isinstance(module.mlp, MistralMLP):
@@ -117,10 +116,8 @@ def apply_fused_parts(model: nn.Module, cfg, device: torch.device) -> list[str]:
                     norm = getattr(module, name)
                     if isinstance(norm, MistralRMSNorm):
                         setattr(module, name, FusedRMSNorm(norm.weight, norm.variance_epsilon))
-                        n_norm += 1
         elif isinstance(module, MistralModel) and rms and isinstance(module.norm, MistralRMSNorm):
             module.norm = FusedRMSNorm(module.norm.weight, module.norm.variance_epsilon)
-            n_norm += 1
     if cfg.tiled_mlp:
         notes.append(f"tiled_mlp: {n_mlp} MLPs run in {shards} checkpointed shards "
                      f"({cfg.sequence_len:,} tokens → ~{math.ceil(cfg.sequence_len / shards):,} per shard)")

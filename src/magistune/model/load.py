@@ -174,6 +174,8 @@ def resolve_attn(cfg: Config, device: torch.device, training: bool = False) -> s
             return "sdpa"
     explicit = cfg.attn_implementation is not None or cfg.flash_attention
     if training and cfg.sample_packing and not explicit and varlen_attention.available(device):
+        print("note: sample_packing on CUDA: attention through torch.nn.attention.varlen (packed rows as cumulative "
+              "lengths, no mask); set attn_implementation to choose another", file=sys.stderr)
         return varlen_attention.register()
     return want
 

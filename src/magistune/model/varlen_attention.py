@@ -20,6 +20,8 @@ import functools
 import inspect
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.mistral.modeling_mistral import MistralAttention
 
 NAME = "magistune_varlen"
 
@@ -42,12 +44,8 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (B, H, T, D), key/value (B, H_kv, T, D) → (B, T, H, D)."""
-    from transformers.models.mistral.modeling_mistral import MistralAttention
-
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_q is None or not isinstance(module, MistralAttention):  # Pixtral's patches: never the text's boundaries
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if dropout:
