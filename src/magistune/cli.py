@@ -30,11 +30,20 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """One process: train/sft.py. One of torchrun's processes (FSDP2 / DDP): train/sft_distributed.py."""
     if args.nproc is not None:
         return _launch_torchrun(args)
-    from magistune.train.recipe import train
+    from magistune.train.launch import distributed_mode, torchrun_env
 
-    return train(_load(args.config))
+    cfg, env = _load(args.config), torchrun_env()
+    mode = distributed_mode(cfg, env)
+    if mode is None:
+        from magistune.train.sft import train
+
+        return train(cfg)
+    from magistune.train.sft_distributed import train
+
+    return train(cfg, env, mode)
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -42,7 +51,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     CONFIG` (one machine; several machines: run torchrun yourself, docs/multi-gpu.md)."""
     import os
 
-    from magistune.train.distributed import launch_command, torchrun_env
+    from magistune.train.launch import launch_command, torchrun_env
 
     if args.nproc < 1:
         raise ConfigError("--nproc must be >= 1")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from magistune.config import ConfigError, parse_config
 from magistune.data.sample import IGNORE_INDEX, Sample
 from magistune.train import distributed
 from magistune.train.batches import collate
-from magistune.train.distributed import Distributed, Single
+from magistune.train.launch import distributed_mode, single_process_notes, torchrun_env
+from magistune.train.metrics import Printer, QuietLogger
 from magistune.train.rank_agreement import describe_disagreement, sample_digest
 
 BASE = {"base_model": "tiny-random", "datasets": [{"path": "data.jsonl"}]}
@@ -88,17 +88,23 @@ def test_ddp_with_8bit_optimizer_is_fine():
 def test_outside_torchrun_fsdp_trains_in_one_process_with_a_note(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    par = distributed.setup(cfg_of(fsdp=True)[0])
-    assert isinstance(par, Single) and par.world == 1
-    assert any("not launched by torchrun" in n and "--nproc" in n for n in par.notes)
-    assert distributed.setup(cfg_of()[0]).notes == []
+    cfg = cfg_of(fsdp=True)[0]
+    assert torchrun_env() is None and distributed_mode(cfg, torchrun_env()) is None  # sft.py, one process
+    assert any("not launched by torchrun" in n and "--nproc" in n for n in single_process_notes(cfg))
+    assert single_process_notes(cfg_of()[0]) == []
 
 
 def test_torchrun_with_one_process_and_no_engine_is_the_plain_run(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert isinstance(distributed.setup(cfg_of()[0]), Single)
+    env = torchrun_env()
+    assert distributed_mode(cfg_of()[0], env) is None
+    assert distributed_mode(cfg_of(fsdp=True)[0], env) == "fsdp" and distributed_mode(cfg_of(ddp=True)[0], env) == "ddp"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = cfg_of()[0]
+    assert distributed_mode(cfg, torchrun_env()) == "ddp"  # several processes, no key: DDP, with a note
+    assert any("neither fsdp nor ddp set: DDP" in n for n in distributed.mode_notes(cfg, "ddp", 2))
 
 
 def test_nproc_execs_torchrun(monkeypatch, write_config, write_jsonl, tmp_path):
@@ -169,7 +175,7 @@ def _batches(n):
 
 @pytest.mark.parametrize("n,world", [(5, 2), (4, 2), (1, 2), (7, 3), (0, 2)])
 def test_eval_share_is_disjoint_complete_and_equal_in_count(n, world):
-    shares = [list(Distributed.eval_share(SimpleNamespace(rank=r, world=world), iter(_batches(n)))) for r in range(world)]
+    shares = [list(distributed.eval_share(iter(_batches(n)), r, world)) for r in range(world)]
     assert len({len(s) for s in shares}) == 1  # the same number of forwards everywhere
     real = [b for s in shares for b in s if b.n_trained]
     assert sorted(int(b.input_ids[0, 0]) for b in real) == list(range(1, n + 1))
@@ -182,9 +188,8 @@ def test_filler_trains_nothing_and_keeps_the_shape():
     assert f.n_trained == 0 and f.input_ids.shape == b.input_ids.shape and b.n_trained > 0
 
 
-def test_quiet_logger_keeps_errors_only(capsys, monkeypatch):
-    monkeypatch.setattr(distributed, "_RANK", (1, 2))
-    log = distributed.QuietLogger()
+def test_quiet_logger_keeps_errors_only(capsys):
+    log = QuietLogger(Printer(rank=1))
     log.message("step 3/4: loss 1.0")
     log.message("error: out of memory at step 3")
     assert capsys.readouterr().err == "[rank 1] error: out of memory at step 3\n"
@@ -219,18 +224,27 @@ def test_normalised_gradient_equals_the_global_batch_gradient():
 
 
 def test_meta_device_build_gets_the_tiled_mlp():
-    """FSDP2's full fine-tune builds its model on the meta device (sharding._build_from_rank0); the tiled MLP is
-    swapped in there too, under the names rank 0's weights arrive with."""
-    from transformers.models.mistral.modeling_mistral import MistralForCausalLM
-
-    from magistune.model import tiny_text_config
+    """FSDP2's full fine-tune builds its model on the meta device (sharding._build_from_rank0, through
+    model.build_model(meta=True)); the tiled MLP is swapped in there too, under the names rank 0's weights arrive
+    with, and nothing of it holds memory."""
+    from magistune.model import build_model
     from magistune.model.fused import SwiGLUMLP
-    from magistune.train.sharding import _adapt_like_build_model
 
     cfg, _ = cfg_of(tiled_mlp=True, tiled_mlp_num_shards=3, gradient_checkpointing=True)
-    with torch.device("meta"):
-        model = MistralForCausalLM(tiny_text_config())
-    names = list(model.state_dict())
-    model = _adapt_like_build_model(model, cfg, torch.device("cpu"))
+    loaded, _, _ = build_model(cfg, torch.device("cpu"))
+    model, _, _ = build_model(cfg, torch.device("cpu"), meta=True)
     assert all(isinstance(layer.mlp, SwiGLUMLP) and layer.mlp.shards == 3 for layer in model.model.layers)
-    assert list(model.state_dict()) == names
+    assert list(model.state_dict()) == list(loaded.state_dict())
+    assert all(t.is_meta for t in model.state_dict().values())
+
+
+def test_meta_device_build_matches_the_loaded_adapter_model():
+    """LoRA on the meta device: the same trainable parameter names as the loaded model (rank 0's broadcast)."""
+    from magistune.model import build_model
+
+    cfg, _ = cfg_of(adapter="lora", lora_target_linear=True, lora_r=4)
+    loaded, _, _ = build_model(cfg, torch.device("cpu"))
+    model, _, _ = build_model(cfg, torch.device("cpu"), meta=True)
+    assert list(model.state_dict()) == list(loaded.state_dict())
+    trained = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
+    assert trained(model) == trained(loaded) and trained(model)

@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/worker.py PLAN.json
 
 PLAN.json: {"runs": [{"name": …, "config": path, "overrides": {"<rank>": {key: value}}, "before": [actions]}],
-            "results": path}. Every run calls magistune's train(cfg) in this process, as `-m magistune train` would;
+            "results": path}. Every run calls magistune's sft_distributed.train in this process, as `-m magistune train` would;
 the process group is created once here (gloo, or NCCL where there are GPUs), so that the plan pays the start-up (imports, tokenizer) once.
 Actions run on rank 0 before a run, between barriers: {"copy": [src, dst]}, {"rmtree": path}, {"unlink": path}.
 Results: {name: return code} per rank, in PLAN["results"] + ".rank<r>.json".
@@ -30,7 +30,8 @@ def main() -> int:
 
     from magistune import tokenizer as tk
     from magistune.config import load_config
-    from magistune.train.recipe import train
+    from magistune.train.launch import distributed_mode, torchrun_env
+    from magistune.train.sft_distributed import train
 
     real, memo = tk.load_tokenizer, {}
 
@@ -48,10 +49,10 @@ def main() -> int:
     import torch
 
     plan = json.loads(Path(sys.argv[1]).read_text())
-    if torch.cuda.is_available():  # what magistune's Distributed would do; it then reuses this group
+    if torch.cuda.is_available():  # what magistune's distributed.join would do; it then reuses this group
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=device)  # as distributed.py does
+        dist.init_process_group("cuda:nccl,cpu:gloo", device_id=device)  # as distributed.join does
         barrier = lambda: dist.barrier(device_ids=[device.index])  # noqa: E731
     else:
         dist.init_process_group("gloo")
@@ -73,7 +74,8 @@ def main() -> int:
         if overrides:
             cfg = cfg.model_copy(update=overrides)
         print(f"[worker rank {rank}] run {run['name']} at {time.perf_counter() - T0:.1f}s", file=sys.stderr, flush=True)
-        results[run["name"]] = train(cfg)
+        env = torchrun_env()
+        results[run["name"]] = train(cfg, env, distributed_mode(cfg, env))
         barrier()
     Path(plan["results"] + f".rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()

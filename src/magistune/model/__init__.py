@@ -3,7 +3,8 @@
     model, info = build_model(cfg, device)
     print(format_model_info(info))
 
-is resolve_model_dir -> load_model -> (load_adapter | apply_lora | full fine-tuning), each usable alone.
+is resolve_model_dir -> load_model (or empty_model: on the meta device) -> adapt_model (fused parts, then
+load_adapter | apply_lora | full fine-tuning), each usable alone.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from magistune.model.load import (
     ModelError,
     ModelInfo,
     check_model_dir,
+    empty_model,
     format_model_info,
     freeze_except,
     load_model,
@@ -39,26 +41,43 @@ from magistune.model.tiny import (
 )
 
 
-def build_model(cfg: Config, device: torch.device, tokenizer=None) -> tuple[nn.Module, ModelInfo, Path]:
-    """Everything the config says about the model, in order. Returns the model, its sizes and its folder."""
+def build_model(cfg: Config, device: torch.device, tokenizer=None,
+                meta: bool = False) -> tuple[nn.Module, ModelInfo, Path]:
+    """Everything the config says about the model, in order. Returns the model, its sizes and its folder.
+
+    `meta`: the same model without weights, on the meta device (no memory): what FSDP2 shards before rank 0's
+    weights arrive (train/sharding.py). Every run (one GPU, FSDP2, DDP) builds its model here."""
     model_dir = resolve_model_dir(cfg.base_model, cfg.config_dir)
-    model, _ = load_model(cfg, model_dir, torch.device(device), tokenizer=tokenizer, training=True)
-    notes = apply_fused_parts(model, cfg, torch.device(device))  # tiled MLP / liger kernels, before LoRA wraps
+    device = torch.device(device)
+    if meta:
+        model = empty_model(cfg, model_dir, device)
+    else:
+        model, _ = load_model(cfg, model_dir, device, tokenizer=tokenizer, training=True)
+    model, notes = adapt_model(model, cfg, device, adapter_weights=not meta)
+    return model, dataclasses.replace(model_info(model), notes=tuple(notes)), model_dir
+
+
+def adapt_model(model: nn.Module, cfg: Config, device: torch.device,
+                adapter_weights: bool = True) -> tuple[nn.Module, list[str]]:
+    """What follows loading: fused parts, then LoRA (new, or a saved adapter) or full fine-tuning, with
+    checkpointing. Module swaps only, so it also runs on a weightless (meta-device) model; `adapter_weights`:
+    False leaves a saved adapter's tensors unread (they arrive later). Returns the model and notes for the log."""
+    notes = apply_fused_parts(model, cfg, device)  # tiled MLP / liger kernels, before LoRA wraps
     if cfg.adapter and cfg.lora_model_dir:  # continue training a saved adapter
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
-        model = load_adapter(model, cfg.resolve(cfg.lora_model_dir), is_trainable=True)
+        model = load_adapter(model, cfg.resolve(cfg.lora_model_dir), is_trainable=True, weights=adapter_weights)
     elif cfg.adapter:
         model = apply_lora(model, cfg)
     else:
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         freeze_vision(model, cfg)
-    return model, dataclasses.replace(model_info(model), notes=tuple(notes)), model_dir
+    return model, notes
 
 
 __all__ = [
-    "ModelError", "ModelInfo", "apply_lora", "build_model", "check_model_dir", "enable_checkpointing",
+    "ModelError", "ModelInfo", "adapt_model", "apply_lora", "build_model", "check_model_dir", "enable_checkpointing",
     "format_model_info", "freeze_except", "load_adapter", "load_model", "lora_target_regex",
     "magistral_small_config", "magistral_small_vision_config", "materialize_tiny", "model_info",
     "resolve_dtype", "resolve_model_dir", "save_trained", "tiny_text_config", "tiny_vision_config",

@@ -127,11 +127,17 @@ def apply_lora(model: nn.Module, cfg: Config) -> PeftModel:
     return get_peft_model(model, lora)
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
-    """A saved PEFT adapter on top of `model` (loaded as for training: same quantisation, same dtype)."""
+def load_adapter(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False,
+                 weights: bool = True) -> PeftModel:
+    """A saved PEFT adapter on top of `model` (loaded as for training: same quantisation, same dtype).
+    `weights=False`: its modules only (adapter_config.json), for a meta-device model whose tensors come later."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelError(f"lora_model_dir: {adapter_dir}: no adapter_config.json; not a saved PEFT adapter")
+    if not weights:
+        lora = LoraConfig.from_pretrained(str(adapter_dir))
+        lora.inference_mode = not is_trainable
+        return get_peft_model(model, lora)
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
 
 

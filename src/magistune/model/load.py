@@ -209,6 +209,15 @@ def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=Non
     return model, model_info(model)
 
 
+def empty_model(cfg: Config, model_dir: Path, device: torch.device) -> nn.Module:
+    """The model of `model_dir` on the meta device: its modules and shapes, no weights, no memory. What load_model
+    would build for `device` (same dtype and attention), before anything is loaded into it."""
+    config = check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
+    config._attn_implementation = resolve_attn(cfg, device, training=True)
+    with torch.device("meta"):
+        return model_class(config)._from_config(config, dtype=resolve_dtype(cfg, device))
+
+
 def _nf4_config(cls: type[nn.Module], config: PretrainedConfig, dtype: torch.dtype,
                 sharded: bool = False) -> BitsAndBytesConfig:
     # The skip list comes from a weightless (meta-device) copy of the model, so it names the modules
@@ -309,5 +318,5 @@ def format_model_info(info: ModelInfo) -> str:
             f"{_count(info.total_params)} params ({pct:.2f}%), weights {size} ({dtype})")
 
 
-__all__ = ["ModelError", "ModelInfo", "check_model_dir", "check_vocab", "format_model_info",
+__all__ = ["ModelError", "ModelInfo", "check_model_dir", "check_vocab", "empty_model", "format_model_info",
            "freeze_except", "load_model", "model_info", "resolve_attn", "resolve_dtype", "resolve_model_dir"]

@@ -196,6 +196,13 @@ def total_steps(n_samples: int, micro_batch_size: int, grad_accum: int, num_epoc
     return max(1, math.ceil(num_epochs * steps_per_epoch(n_samples, micro_batch_size, grad_accum)))
 
 
+def every(per_epoch: int | None, steps: int | None, spe: int) -> int | None:
+    """An interval in steps from `eval_steps`-style or `evals_per_epoch`-style keys (4 per epoch of 125 → 31)."""
+    if steps is not None:
+        return steps
+    return max(1, spe // per_epoch) if per_epoch else None
+
+
 class StepStream:
     """Yields (position after the step, [micro-batches]) for every optimizer step from `start` on.
 

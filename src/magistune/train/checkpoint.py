@@ -33,6 +33,7 @@ import torch
 PREFIX = "checkpoint-"
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+DCP_DIR = "dcp"  # a sharded checkpoint's model + optimizer (dist_checkpoint.py)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _STALE = re.compile(r"^\.checkpoint-\d+\.(tmp|old|deleting)$")
 
@@ -134,20 +135,19 @@ def remove_stale(out_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(out_dir: Path, step: int, save_weights: Callable[[Path], None],
-                    optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict, rng_state: dict,
-                    keep: int | None = None) -> Path:
-    """Write `checkpoint-<step>/` atomically, then keep only the newest `keep` complete checkpoints."""
+def start(out_dir: Path, step: int) -> Path:
+    """The temporary folder `.checkpoint-<step>.tmp/` that a save writes into (leftovers of older saves removed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir)
-    final = out_dir / f"{PREFIX}{step}"
     tmp = out_dir / f".{PREFIX}{step}.tmp"
     tmp.mkdir()
-    save_weights(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state, tmp / "rng_state.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+    return tmp
+
+
+def commit(out_dir: Path, step: int, tmp: Path, keep: int | None = None) -> Path:
+    """Make the written `tmp` folder `checkpoint-<step>/`: fsync, COMPLETE, rename (replacing a checkpoint of the
+    same step), then keep only the newest `keep` complete checkpoints. One-process and sharded saves both end here."""
+    final = out_dir / f"{PREFIX}{step}"
     _fsync_tree(tmp)
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
@@ -166,6 +166,19 @@ def save_checkpoint(out_dir: Path, step: int, save_weights: Callable[[Path], Non
     return final
 
 
+def save_checkpoint(out_dir: Path, step: int, save_weights: Callable[[Path], None],
+                    optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict, rng_state: dict,
+                    keep: int | None = None) -> Path:
+    """Write `checkpoint-<step>/` atomically, then keep only the newest `keep` complete checkpoints."""
+    tmp = start(out_dir, step)
+    save_weights(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state, tmp / "rng_state.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+    return commit(out_dir, step, tmp, keep)
+
+
 def rotate(out_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints; returns the deleted ones."""
     found = list_checkpoints(out_dir)
@@ -181,6 +194,29 @@ def rotate(out_dir: Path, keep: int) -> list[Path]:
 
 def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def is_sharded(path: Path) -> bool:
+    """Written by several processes (dist_checkpoint.py): the model and optimizer are in a dcp/ folder."""
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def parallel_info(path: Path) -> dict:
+    """A sharded checkpoint's "parallel" entry: mode, world_size, kind (adapter | full), dtype."""
+    try:
+        return read_state(path).get("parallel") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_not_sharded(path: Path) -> None:
+    """A one-process run cannot resume a sharded checkpoint: say how to use it instead."""
+    if is_sharded(path):
+        n = parallel_info(path).get("world_size", "several")
+        raise CheckpointError(
+            f"{path}: a sharded checkpoint written by {n} processes; resume it with the same number of processes "
+            f"(magistune train CONFIG --nproc {n}), or turn it into a model folder with "
+            f"`magistune consolidate {path} --output DIR`")
 
 
 def holds_adapter(path: Path) -> bool:

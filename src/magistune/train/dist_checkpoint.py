@@ -16,8 +16,8 @@ too: consolidation then needs nothing else). The AdamW moments are keyed by para
 parameters. Magistral Small, full fine-tune: 47 GB of weights + 94 GB of moments in bf16, 71 GB written by each
 of 2 ranks, in parallel.
 
-Atomic as in checkpoint.py: everything goes into `.checkpoint-<step>.tmp/`, then rank 0 writes COMPLETE and renames
-it. On several nodes, output_dir must be storage that every node sees (each rank writes its own shards into it).
+Atomic as in checkpoint.py: everything goes into `.checkpoint-<step>.tmp/`, then rank 0 commits it with
+checkpoint.commit (COMPLETE, rename, rotation), as a one-process save does. On several nodes, output_dir must be storage that every node sees (each rank writes its own shards into it).
 
 Resuming needs the same number of processes: the data position counts steps of world × micro_batch_size ×
 gradient_accumulation_steps samples. DCP itself could reshard the weights to another world size; the data
@@ -41,31 +41,10 @@ from pathlib import Path
 import torch
 
 from magistune.train import checkpoint as ckpt
-from magistune.train.checkpoint import MARKER, PREFIX, CheckpointError
+from magistune.train.checkpoint import DCP_DIR, MARKER, PREFIX, CheckpointError, is_sharded, parallel_info
+from magistune.train.distributed import Ranks
 
-DCP_DIR = "dcp"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def is_sharded(path: Path) -> bool:
-    return (Path(path) / DCP_DIR).is_dir()
-
-
-def parallel_info(path: Path) -> dict:
-    try:
-        return ckpt.read_state(path).get("parallel") or {}
-    except (OSError, ValueError):
-        return {}
-
-
-def check_not_sharded(path: Path) -> None:
-    """A one-process run cannot resume a sharded checkpoint: say how to use it instead."""
-    if is_sharded(path):
-        n = parallel_info(path).get("world_size", "several")
-        raise CheckpointError(
-            f"{path}: a sharded checkpoint written by {n} processes; resume it with the same number of processes "
-            f"(magistune train CONFIG --nproc {n}), or turn it into a model folder with "
-            f"`magistune consolidate {path} --output DIR`")
 
 
 def check_resumable(path: Path, world: int, mode: str) -> None:
@@ -95,60 +74,39 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_sharded(par, out: Path, step: int, model, optimizer, scheduler, trainer_state: dict, rng: dict, cfg,
-                 tokenizer_file: Path) -> Path:
+def save_sharded(ranks: Ranks, mode: str, dtype: torch.dtype, out: Path, step: int, model, optimizer, scheduler,
+                 trainer_state: dict, rng: dict, cfg, tokenizer_file: Path) -> Path:
     """Every rank writes its shards of `checkpoint-<step>/`; rank 0 commits it atomically. Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     out = Path(out)
-    final, tmp = out / f"{PREFIX}{step}", out / f".{PREFIX}{step}.tmp"
-    if par.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale(out)
-        (tmp / "rng").mkdir(parents=True)
-    par.barrier()
+    tmp = out / f".{PREFIX}{step}.tmp"
+    if ranks.is_main:
+        (ckpt.start(out, step) / "rng").mkdir()
+    ranks.barrier()
     adapter = cfg.adapter is not None
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(adapter))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))  # fsyncs its files
-    rng_file = tmp / "rng" / f"rank{par.rank}.pt"
+    rng_file = tmp / "rng" / f"rank{ranks.rank}.pt"
     torch.save(rng, rng_file)
     _fsync_file(rng_file)
     if adapter:
-        _write_adapter(par, model, tmp)  # collective: gathers the adapter on rank 0
-    if par.is_main:
+        _write_adapter(ranks, model, tmp)  # collective: gathers the adapter on rank 0
+    if ranks.is_main:
         if not adapter:
             _base(model).config.save_pretrained(tmp / DCP_DIR)
         shutil.copyfile(tokenizer_file, tmp / Path(tokenizer_file).name)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        state = dict(trainer_state, parallel={"mode": par.mode, "world_size": par.world,
+        state = dict(trainer_state, parallel={"mode": mode, "world_size": ranks.world,
                                               "kind": "adapter" if adapter else "full",
-                                              "dtype": str(par.dtype).removeprefix("torch.")})
+                                              "dtype": str(dtype).removeprefix("torch.")})
         (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-    par.barrier()  # every rank's files are written (and fsynced by their writers)
-    if par.is_main:
-        _commit(out, step, tmp, final, cfg.save_total_limit)
-    par.barrier()  # nobody goes on (or rotates) before the checkpoint is in place
-    return final
-
-
-def _commit(out: Path, step: int, tmp: Path, final: Path, keep: int | None) -> None:
-    """checkpoint.save_checkpoint's ending: fsync, COMPLETE, rename (replacing a same-step checkpoint), rotate."""
-    ckpt._fsync_tree(tmp)
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
-    ckpt._fsync(tmp / MARKER)
-    ckpt._fsync(tmp)
-    old = None
-    if final.exists():
-        old = out / f".{PREFIX}{step}.old"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    ckpt._fsync(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    if keep is not None:
-        ckpt.rotate(out, keep)
+    ranks.barrier()  # every rank's files are written (and fsynced by their writers)
+    if ranks.is_main:
+        ckpt.commit(out, step, tmp, cfg.save_total_limit)
+    ranks.barrier()  # nobody goes on (or rotates) before the checkpoint is in place
+    return out / f"{PREFIX}{step}"
 
 
 def _base(model):
@@ -162,18 +120,18 @@ def _full_state_dict(model, adapter: bool) -> dict:
     return get_model_state_dict(model, options=_options(adapter, full_state_dict=True, cpu_offload=True))
 
 
-def _write_adapter(par, model, out: Path) -> None:
+def _write_adapter(ranks: Ranks, model, out: Path) -> None:
     full = _full_state_dict(model, adapter=True)
-    if par.is_main:
+    if ranks.is_main:
         model.save_pretrained(out, state_dict=full)  # PEFT picks the adapter's tensors and names from it
 
 
-def save_consolidated(par, model, out: Path, cfg, tokenizer_file: Path) -> None:
+def save_consolidated(ranks: Ranks, model, out: Path, cfg, tokenizer_file: Path) -> None:
     """The run's final output, as one process writes it: the adapter (PEFT) or the model (HF). Collective."""
     out = Path(out)
     adapter = cfg.adapter is not None
     full = _full_state_dict(model, adapter)
-    if par.is_main:
+    if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if adapter:
             model.save_pretrained(out, state_dict=full)
@@ -181,10 +139,10 @@ def save_consolidated(par, model, out: Path, cfg, tokenizer_file: Path) -> None:
             model.save_pretrained(out, state_dict=full, safe_serialization=True)
         shutil.copyfile(tokenizer_file, out / Path(tokenizer_file).name)
     del full
-    par.barrier()
+    ranks.barrier()
 
 
-def load_sharded(par, path: Path, model, optimizer, scheduler) -> dict:
+def load_sharded(ranks: Ranks, mode: str, path: Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from a sharded checkpoint; the trainer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -192,7 +150,7 @@ def load_sharded(par, path: Path, model, optimizer, scheduler) -> dict:
     path = Path(path)
     if not ckpt.is_complete(path):
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
-    check_resumable(path, par.world, par.mode)
+    check_resumable(path, ranks.world, mode)
     state = ckpt.read_state(path)
     adapter = state["parallel"]["kind"] == "adapter"
     if adapter != hasattr(model, "peft_config"):
@@ -210,7 +168,7 @@ def load_sharded(par, path: Path, model, optimizer, scheduler) -> dict:
         raise CheckpointError(f"{path}: does not match the model (missing {missing[:3]}, unexpected "
                               f"{list(result.unexpected_keys)[:3]}); lora_target_modules or the model changed?")
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_file = path / "rng" / f"rank{par.rank}.pt"
+    rng_file = path / "rng" / f"rank{ranks.rank}.pt"
     ckpt.restore_rng(torch.load(rng_file, weights_only=False))  # our own file: numpy's state is a tuple
     return state
 

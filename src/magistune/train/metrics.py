@@ -7,6 +7,9 @@ metrics.jsonl has one JSON object a line, flushed as it is written:
 `loss` is the token mean over the logging window (logging_steps steps); `trained_tokens` counts the window's
 trained tokens. peak_mem_gb is the CUDA allocator's peak, or on the CPU the process's peak resident memory.
 
+Messages go to stderr through a `Printer`: one process prints everything; of torchrun's N, rank 0 prints
+everything and the others only their errors, prefixed with their rank (their metrics logger is a QuietLogger).
+
 A resumed run first cuts the file (and the TensorBoard events, with purge_step) back to the checkpoint's
 step, so the steps that the killed run logged after its last checkpoint are not there twice.
 """
@@ -19,9 +22,41 @@ import os
 import sys
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 
 METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class Printer:
+    """`say = Printer(rank)`; `say(msg)` prints msg to stderr on rank 0, and only errors elsewhere ("[rank 1] error: …")."""
+
+    rank: int = 0
+
+    def shown(self, msg: str) -> str | None:
+        if self.rank == 0:
+            return msg
+        return f"[rank {self.rank}] {msg}" if msg.lstrip().startswith("error") else None
+
+    def __call__(self, msg: str) -> None:
+        msg = self.shown(msg)
+        if msg is not None:
+            print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Window:
+    """The steps since the last metrics row."""
+
+    loss_sum: float = 0.0
+    n_trained: int = 0
+    n_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -122,6 +157,32 @@ class MetricsLogger:
             self.tb = None
         if not self._file.closed:
             self._file.close()
+
+
+class QuietLogger:
+    """The metrics logger of ranks other than 0: rank 0 writes metrics.jsonl and TensorBoard; the others keep
+    only their error messages."""
+
+    bar = None
+    path = None
+
+    def __init__(self, say: Printer):
+        self.say = say
+
+    def log_train(self, step: int, **values) -> dict:
+        return {"step": step, **values}
+
+    def log_eval(self, step: int, eval_loss: float, eval_tokens: int) -> dict:
+        return {"step": step, "eval_loss": eval_loss, "eval_tokens": eval_tokens}
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        self.say(text)
+
+    def close(self) -> None:
+        pass
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:

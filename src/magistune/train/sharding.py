@@ -1,7 +1,7 @@
 """The model of a multi-GPU run: sharded by FSDP2 or replicated by DDP, loaded without N copies in host RAM.
 
-Distributed.build_model and build_random (distributed.py) call build_parallel_model and build_random_model here,
-which leave the FSDP / DDP root in `par.root` and the compute dtype in `par.dtype`.
+sft_distributed.py calls build_parallel_model, which returns the plain (PEFT) model and the FSDP / DDP root:
+a LossModule built around the model and the loss function, through which every forward runs.
 
 Sharding (`fsdp: true`). torch.distributed.fsdp.fully_shard on every decoder layer, then on a root module that
 holds the whole model and computes the loss (`LossModule`: FSDP2's hooks run on module forwards, and the loss
@@ -36,7 +36,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from magistune.config import Config
-from magistune.train.distributed import DistributedError
+from magistune.model import build_model, model_info, resolve_dtype
+from magistune.model.parts import vision_parts
+from magistune.train import checkpoint as ckpt
+from magistune.train.distributed import DistributedError, Ranks
+from magistune.train.preflight import seed_everything
 
 
 class LossModule(nn.Module):
@@ -46,10 +50,10 @@ class LossModule(nn.Module):
     norm, lm_head, a frozen vision tower) in its pre-forward hook and DDP prepares its gradient buckets in forward.
     The loss runs the decoder and lm_head separately (loss.py), never model.forward, so the root is this module."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loss_fn: Callable):
         super().__init__()
         self.model = model
-        self.loss_fn: Callable | None = None
+        self.loss_fn = loss_fn
 
     def forward(self, batch):
         return self.loss_fn(self.model, batch)
@@ -60,6 +64,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
     return [m for m in model.modules() if isinstance(m, MistralDecoderLayer)]
+
+
+def fsdp_mesh(ranks: Ranks):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(ranks.device.type, (ranks.world,))
 
 
 def fsdp_kwargs(cfg: Config, mesh, dtype: torch.dtype) -> dict:
@@ -73,7 +83,7 @@ def fsdp_kwargs(cfg: Config, mesh, dtype: torch.dtype) -> dict:
     return kwargs
 
 
-def fsdp_shard(model: nn.Module, cfg: Config, mesh, dtype: torch.dtype) -> LossModule:
+def fsdp_shard(model: nn.Module, loss_fn: Callable, cfg: Config, mesh, dtype: torch.dtype) -> LossModule:
     """fully_shard each decoder layer, then the loss root (everything else: embeddings, norm, lm_head, vision)."""
     from torch.distributed.fsdp import fully_shard
 
@@ -83,7 +93,7 @@ def fsdp_shard(model: nn.Module, cfg: Config, mesh, dtype: torch.dtype) -> LossM
         raise DistributedError(f"fsdp: no MistralDecoderLayer in {type(model).__name__}; nothing to shard")
     for layer in layers:
         fully_shard(layer, **kwargs)
-    root = LossModule(model)
+    root = LossModule(model, loss_fn)
     fully_shard(root, **kwargs)
     return root
 
@@ -102,6 +112,19 @@ def _fp32_allreduce_hook(process_group, bucket):
     return fut.then(back)
 
 
+def ddp_wrap(model: nn.Module, loss_fn: Callable, ranks: Ranks, dtype: torch.dtype) -> nn.Module:
+    """DistributedDataParallel around the loss root; bf16 gradients are averaged in fp32."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    vision_trained = any(p.requires_grad for part in vision_parts(model).values()
+                         for p in model.get_submodule(part).parameters())
+    root = DDP(LossModule(model, loss_fn), device_ids=[ranks.local_rank] if ranks.nccl else None,
+               find_unused_parameters=vision_trained)
+    if dtype == torch.bfloat16:
+        root.register_comm_hook(None, _fp32_allreduce_hook)
+    return root
+
+
 @contextlib.contextmanager
 def fsdp_sync_off(root: nn.Module):
     root.set_requires_gradient_sync(False)
@@ -111,43 +134,24 @@ def fsdp_sync_off(root: nn.Module):
         root.set_requires_gradient_sync(True)
 
 
-# --- the model of a torchrun run: Distributed.build_model, Distributed.build_random ------------------------------
+def grad_sync(root: nn.Module, mode: str, cfg: Config) -> Callable[[bool], contextlib.AbstractContextManager]:
+    """grad_sync(is_last) around each micro-batch's backward. Adapters: gradients are reduced over the ranks only
+    after the last micro-batch of the step (one reduce-scatter / all-reduce instead of one per micro-batch;
+    unsharded LoRA gradients are small). Full fine-tuning keeps reducing every micro-batch: holding the unsharded
+    gradients of a 24B model would cost what FSDP saves."""
+    def around(last: bool):
+        if last or cfg.adapter is None:
+            return contextlib.nullcontext()
+        return root.no_sync() if mode == "ddp" else fsdp_sync_off(root)
 
-def build_parallel_model(par, cfg: Config, tokenizer):
-    """The model of `cfg`, sharded (FSDP2) or replicated (DDP) over the ranks; returns (model, info).
-
-    `model` stays the plain (PEFT) model, whose parameters are now FSDP's DTensors: the optimizer, the
-    checkpoints and the loss use it; the loss goes through the root (wrap_loss)."""
-    from magistune.model.load import resolve_dtype
-    from magistune.train import checkpoint as ckpt
-
-    par.dtype = resolve_dtype(cfg, par.device)
-    ckpt.restore_rng(par.broadcast_object(ckpt.capture_rng() if par.is_main else None))  # same LoRA init
-    if par.mode == "fsdp" and not cfg.load_in_4bit:
-        model, info = _build_from_rank0(par, cfg, tokenizer)
-    else:
-        from magistune.model import build_model
-
-        model, info, _ = build_model(cfg, par.device, tokenizer=tokenizer)
-        _check_trainable(par, model)
-        if par.mode == "fsdp":
-            par.root = fsdp_shard(model, cfg, par.mesh, par.dtype)
-        else:
-            par.root = _ddp(par, model)
-    if par.rank:  # dropout masks differ between ranks (rank 0 keeps the one-process stream)
-        from magistune.train.preflight import seed_everything
-
-        seed_everything(cfg.seed + 1_000_003 * par.rank)
-    return model, info
+    return around
 
 
-def _check_trainable(par, model: nn.Module) -> None:
+def check_trainable(mode: str, model: nn.Module) -> None:
     """FSDP needs every rank to produce a gradient for every trained weight in every step; the vision tower
     runs only on micro-batches with images, so training it (or LoRA on it) cannot be sharded."""
-    if par.mode != "fsdp":
+    if mode != "fsdp":
         return
-    from magistune.model.parts import vision_parts
-
     for part in vision_parts(model).values():
         if any(p.requires_grad for p in model.get_submodule(part).parameters()):
             raise DistributedError(f"fsdp: {part} is trained (train_vision_tower / train_projector / LoRA "
@@ -155,54 +159,56 @@ def _check_trainable(par, model: nn.Module) -> None:
                                    "it without gradients on that rank. Use ddp: true, or train the language model only")
 
 
-def _ddp(par, model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from magistune.model.parts import vision_parts
+# --- the model of a torchrun run -------------------------------------------------------------------------------
 
-    vision_trained = any(p.requires_grad for part in vision_parts(model).values()
-                         for p in model.get_submodule(part).parameters())
-    root = DDP(LossModule(model), device_ids=[par.local_rank] if par.device.type == "cuda" else None,
-               find_unused_parameters=vision_trained)
-    if par.dtype == torch.bfloat16:
-        root.register_comm_hook(None, _fp32_allreduce_hook)
-    return root
+def build_parallel_model(ranks: Ranks, mode: str, cfg: Config, tokenizer, loss_fn: Callable):
+    """The model of `cfg`, sharded (FSDP2) or replicated (DDP) over the ranks; returns (model, root, info).
+
+    `model` stays the plain (PEFT) model, whose parameters are now FSDP's DTensors: the optimizer, the
+    checkpoints and evaluation's train/eval switch use it; the loss runs through `root` (root(batch))."""
+    dtype = resolve_dtype(cfg, ranks.device)
+    ckpt.restore_rng(ranks.broadcast_object(ckpt.capture_rng() if ranks.is_main else None))  # same LoRA init
+    if mode == "fsdp" and not cfg.load_in_4bit:
+        model, root, info = _build_from_rank0(ranks, cfg, tokenizer, loss_fn, dtype)
+    else:
+        model, info, _ = build_model(cfg, ranks.device, tokenizer=tokenizer)
+        check_trainable(mode, model)
+        if mode == "fsdp":
+            root = fsdp_shard(model, loss_fn, cfg, fsdp_mesh(ranks), dtype)
+        else:
+            root = ddp_wrap(model, loss_fn, ranks, dtype)
+    if ranks.rank:  # dropout masks differ between ranks (rank 0 keeps the one-process stream)
+        seed_everything(cfg.seed + 1_000_003 * ranks.rank)
+    return model, root, info
 
 
-def _build_from_rank0(par, cfg: Config, tokenizer):
+def _build_from_rank0(ranks: Ranks, cfg: Config, tokenizer, loss_fn: Callable, dtype: torch.dtype):
     """Rank 0 loads on the CPU; every rank builds on meta, shards, and receives its shard from rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from magistune.model import build_model, model_info
-    from magistune.model.load import check_model_dir, resolve_attn, resolve_model_dir
-    from magistune.model.parts import model_class
-
-    attn = resolve_attn(cfg, par.device, training=True)
     full, buffers, trainable, info = {}, {}, None, None
-    if par.is_main:  # the CPU copy, only a source of weights: the GPUs' dtype (never runs a forward)
-        host_cfg = cfg.model_copy(update={"bf16": par.dtype == torch.bfloat16, "attn_implementation": "sdpa",
+    if ranks.is_main:  # the CPU copy, only a source of weights: the GPUs' dtype (never runs a forward)
+        host_cfg = cfg.model_copy(update={"bf16": dtype == torch.bfloat16, "attn_implementation": "sdpa",
                                           "flash_attention": False})
         real, info, _ = build_model(host_cfg, torch.device("cpu"), tokenizer=tokenizer)
         full = real.state_dict()
         buffers = {n: b for n, b in real.named_buffers() if n not in full}  # non-persistent (rotary inv_freq)
         trainable = [n for n, p in real.named_parameters() if p.requires_grad]
         del real
-    trainable, info = par.broadcast_object((trainable, info))
+    trainable, info = ranks.broadcast_object((trainable, info))
 
-    config = check_model_dir(resolve_model_dir(cfg.base_model, cfg.config_dir), cfg.trust_remote_code)
-    config._attn_implementation = attn
-    with torch.device("meta"):
-        model = model_class(config)._from_config(config, dtype=par.dtype)
-    model = _adapt_like_build_model(model, cfg, par.device)
+    # the same model on the meta device (rank 0 reported the notes of its build)
+    model, _, _ = build_model(cfg, ranks.device, tokenizer=tokenizer, meta=True)
     wanted = set(trainable)
     for name, p in model.named_parameters():
         p.requires_grad = name in wanted
     missing = wanted - {n for n, _ in model.named_parameters()}
     if missing:
         raise DistributedError(f"the meta-device model lacks parameters that rank 0 loaded: {sorted(missing)[:3]}")
-    _check_trainable(par, model)
-    par.root = fsdp_shard(model, cfg, par.mesh, par.dtype)
+    check_trainable("fsdp", model)
+    root = fsdp_shard(model, loss_fn, cfg, fsdp_mesh(ranks), dtype)
     if not cfg.fsdp_cpu_offload:
-        model.to_empty(device=par.device)  # this rank's shards, uninitialised; filled from rank 0 below
+        model.to_empty(device=ranks.device)  # this rank's shards, uninitialised; filled from rank 0 below
     # (with offload the shards stay on meta until set_model_state_dict assigns them, on the CPU)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=cfg.fsdp_cpu_offload)
     with warnings.catch_warnings():
@@ -210,95 +216,24 @@ def _build_from_rank0(par, cfg: Config, tokenizer):
         warnings.filterwarnings("ignore", message="Multiple backends are registered.*")
         set_model_state_dict(model, full, options=opts)
     del full
-    for name in par.broadcast_object(sorted(buffers) if par.is_main else None):
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
-        old = module._buffers[leaf]
-        value = buffers[name].to(par.comm_device) if par.is_main else torch.empty(
-            old.shape, dtype=old.dtype, device=par.comm_device)
-        dist.broadcast(value, src=0)
-        module._buffers[leaf] = value.to(par.device)
+    _broadcast_buffers(ranks, model, buffers)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise DistributedError(f"after loading, tensors are still on the meta device: {left[:3]}")
-    return model, info if info is not None else model_info(model)
+    return model, root, info if info is not None else model_info(model)
 
 
-def build_random_model(par, config, cfg: Config):
-    """Benchmarks: the model `config` describes with random weights, sharded or replicated like build_model.
-
-    FSDP without 4-bit: built on the meta device, sharded, then each rank fills only its own shards
-    (normal(0, 0.02), norms 1, LoRA B 0): no rank ever holds the whole model (Magistral Small in bf16 is
-    47 GB). QLoRA and DDP: random_init.random_model on every rank's GPU (a 4-bit model quantises layer by
-    layer from bf16), then sharded or wrapped."""
-    from magistune.model import model_info
-    from magistune.model.load import resolve_attn, resolve_dtype
-    from magistune.model.parts import model_class
-    from magistune.model.random_init import random_model
-
-    par.dtype = resolve_dtype(cfg, par.device)
-    if par.mode == "fsdp" and not cfg.load_in_4bit:
-        torch.manual_seed(cfg.seed)
-        config._attn_implementation = resolve_attn(cfg, par.device, training=True)
-        with torch.device("meta"):
-            model = model_class(config)._from_config(config, dtype=par.dtype)
-        model = _adapt_like_build_model(model, cfg, par.device)
-        info = model_info(model)
-        par.root = fsdp_shard(model, cfg, par.mesh, par.dtype)
-        model.to_empty(device=torch.device("cpu") if cfg.fsdp_cpu_offload else par.device)
-        init_random_shards(model, par.device, seed=cfg.seed + par.rank)
-        return model, info
-    model, _ = random_model(config, cfg, par.device, seed=cfg.seed)
-    model = _adapt_like_build_model(model, cfg, par.device)
-    info = model_info(model)
-    par.root = fsdp_shard(model, cfg, par.mesh, par.dtype) if par.mode == "fsdp" else _ddp(par, model)
-    return model, info
+def _broadcast_buffers(ranks: Ranks, model: nn.Module, buffers: dict) -> None:
+    """The non-persistent buffers (not in the state dict: rotary inv_freq), from rank 0 to every rank."""
+    for name in ranks.broadcast_object(sorted(buffers) if ranks.is_main else None):
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        old = module._buffers[leaf]
+        value = buffers[name].to(ranks.comm_device) if ranks.is_main else torch.empty(
+            old.shape, dtype=old.dtype, device=ranks.comm_device)
+        dist.broadcast(value, src=0)
+        module._buffers[leaf] = value.to(ranks.device)
 
 
-def _adapt_like_build_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """What model.build_model does after loading (fused parts, LoRA, checkpointing), here on a weightless model."""
-    from peft import LoraConfig, get_peft_model
-
-    from magistune.model import apply_lora, enable_checkpointing
-    from magistune.model.fused import apply_fused_parts
-
-    apply_fused_parts(model, cfg, device)  # module swaps only: fine on the meta device; rank 0 reported the notes
-    if cfg.adapter and cfg.lora_model_dir:
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(model)
-        lora = LoraConfig.from_pretrained(str(cfg.resolve(cfg.lora_model_dir)))
-        lora.inference_mode = False
-        return get_peft_model(model, lora)
-    if cfg.adapter:
-        return apply_lora(model, cfg)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    return model
-
-
-@torch.no_grad()
-def init_random_shards(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Random values for a model materialised by to_empty (benchmarks): every local shard drawn on its own rank;
-    the non-persistent buffers (rotary inv_freq) recomputed by a fresh copy of their module."""
-    from torch.distributed.tensor import DTensor
-
-    torch.manual_seed(seed)
-    for name, p in model.named_parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p
-        if "norm" in name:
-            local.fill_(1.0)
-        elif "lora_B" in name:
-            local.zero_()
-        else:
-            local.normal_(0.0, 0.02)
-    for module in model.modules():
-        transient = [n for n in module._buffers if n in module._non_persistent_buffers_set]
-        if transient and hasattr(module, "config"):
-            with torch.device("cpu"):
-                fresh = type(module)(module.config)
-            for n in transient:
-                module._buffers[n] = fresh._buffers[n].to(device)
-
-
-__all__ = ["LossModule", "build_parallel_model", "build_random_model", "decoder_layers", "fsdp_kwargs",
-           "fsdp_shard", "fsdp_sync_off", "init_random_shards"]
+__all__ = ["LossModule", "build_parallel_model", "check_trainable", "ddp_wrap", "decoder_layers", "fsdp_kwargs",
+           "fsdp_mesh", "fsdp_shard", "fsdp_sync_off", "grad_sync"]

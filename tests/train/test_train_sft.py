@@ -40,7 +40,7 @@ def no_weights(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("weights were loaded before the config error was reported")
 
-    monkeypatch.setattr("magistune.model.build_model", refuse)
+    monkeypatch.setattr("magistune.train.sft.build_model", refuse)
 
 
 def train_rc(path: Path, capsys) -> tuple[int, str]:
@@ -84,7 +84,7 @@ def failing_loss(monkeypatch, at_call: int, failure):
         value = token_loss_sum(model, batch)
         return failure(value) if calls["n"] == at_call else value
 
-    monkeypatch.setattr("magistune.train.recipe.loss_fn_for", lambda cfg: loss)
+    monkeypatch.setattr("magistune.train.sft.loss_fn_for", lambda cfg: loss)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make, capsys, monkeypatch, fast_tokenizer):
