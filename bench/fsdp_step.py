@@ -135,7 +135,7 @@ def report(path: Path) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["full", "lora", "qlora"], default="full")
     p.add_argument("--engine", choices=["fsdp", "ddp"], default="fsdp")
@@ -152,6 +152,11 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny model on CPU (gloo): a smoke test of this script")
     p.add_argument("--out", default="bench_fsdp_step.jsonl")
     p.add_argument("--report", metavar="JSONL", help="print the markdown table of a results file and exit")
+    return p
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
     if args.report:
         print(report(Path(args.report)))

@@ -1,1 +1,23 @@
-"""The training stage: batches, loss, optimizer, checkpoints, metrics, and the loop (recipe.py)."""
+"""The training stage: one recipe per training mode, built from shared components.
+
+Recipes (each reads top to bottom: setup, then the loop, then the outputs):
+    sft.py               supervised fine-tuning in one process (one GPU, or the CPU); imports no distributed module
+    sft_distributed.py   the same under torchrun, one process per GPU: FSDP2 or DDP (the loop repeated on purpose)
+    (dpo.py, grpo.py and their _distributed siblings: preference and RL training, to come, from the same parts)
+launch.py picks the recipe from torchrun's environment (`magistune train`), and builds `--nproc N`'s command.
+
+Components:
+    batches.py, packing.py     the data position, micro-batches, steps per epoch, each rank's share, packed rows
+    loss.py, offload.py        the token-normalised loss, forward/backward of a step, eval; activation offloading
+    optim.py                   optimizers and learning-rate schedules
+    checkpoint.py              one-process checkpoints: atomic save (start, commit), rotation, resume, RNG
+    metrics.py                 metrics.jsonl, TensorBoard, loss.png, the progress bar, what each rank prints
+    stopping.py                stop signals at step boundaries, non-finite losses, out-of-memory messages
+    preflight.py               what is checked before a weight loads: paths, device, seed, the resolved config
+Multi-GPU components (used by sft_distributed.py only):
+    distributed.py             the process group (Ranks) and the collectives of a step: token normaliser, totals,
+                               global gradient norm, eval sharing
+    sharding.py                the model sharded (FSDP2) or replicated (DDP) around a loss root
+    rank_agreement.py          the ranks' config and data fingerprints, and what differs
+    dist_checkpoint.py         sharded checkpoints (DCP), the final output gathered on rank 0, `magistune consolidate`
+"""

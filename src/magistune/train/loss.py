@@ -5,7 +5,7 @@ over its 1,000 tokens, each token weighing 1/1,000. Averaging inside each micro-
 micro-batches would give each of the first 30 tokens 1/40 of the step (25× too much) and each of the last
 970 tokens 1/3,880 — short samples would dominate. So we count the trained tokens of every micro-batch of
 the step first, then backpropagate sum(token losses) / (tokens of the whole step) for each micro-batch. The
-accumulated gradient is exactly the gradient of one big batch's token mean (tests/train/test_loss.py).
+accumulated gradient is exactly the gradient of one big batch's token mean (tests/train/test_train_loss.py).
 
 Memory. Logits are the largest activation: 2,048 tokens × 131,072 vocab × 4 bytes (fp32) = 1 GiB per
 sequence, plus as much again for the softmax saved for backward. We (1) project only the positions whose
@@ -189,9 +189,9 @@ def forward_backward(model: torch.nn.Module, micro: list[Batch], loss_fn: LossFn
     """Accumulate the gradient of one optimizer step: Σ_micro-batches ∇(loss_sum / tokens of the step).
 
     Micro-batches must already be on `device` or are moved there one at a time. `normaliser` (multi-GPU,
-    distributed.py) turns this rank's trained-token count into the divisor: all ranks' tokens / number of ranks,
+    distributed.token_normaliser) turns this rank's trained-token count into the divisor: all ranks' tokens / number of ranks,
     as the gradient averaging over ranks divides by that number again. `grad_sync(is_last)` (multi-GPU) wraps
-    each micro-batch: adapters reduce their gradients over the ranks once, after the last one. The returned
+    each micro-batch (sharding.grad_sync): adapters reduce their gradients over the ranks once, after the last one. The returned
     StepLoss is this rank's.
     """
     n_trained = sum(b.n_trained for b in micro)  # counted first, over the whole step

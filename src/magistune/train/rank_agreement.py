@@ -1,5 +1,5 @@
 """Ranks that must agree: every rank reads the config file and the data itself, and ranks that read different
-ones would not train one model. Before the model is built, Distributed.agree all-gathers each rank's resolved
+ones would not train one model. Before the model is built, distributed.agree all-gathers each rank's resolved
 config and, per split, its number of samples and a sha256 over them (sources, token ids, labels, image counts);
 any difference is an error naming it: up to 8 differing config keys per rank, then the data splits that differ.
 """

@@ -93,6 +93,7 @@ class SFT:
         if self.pre.resume is not None:
             ckpt.check_not_sharded(self.pre.resume)  # written by several processes: says how to use it
         source = ckpt.full_model_source(cfg, self.pre.resume)  # a full fine-tune resumes from its checkpoint's weights
+        self.loss_fn, self.autocast = loss_fn_for(cfg), autocast_for(device, self.dtype)
         self.model, info, _ = build_model(source, device, tokenizer=self.tokenizer)  # load (4-bit?), LoRA or full
         self.model.train()  # from_pretrained returns eval mode: dropout off
         self.say(f"model: {format_model_info(info)}; {device.type}, {str(self.dtype).removeprefix('torch.')}")
@@ -118,7 +119,6 @@ class SFT:
             say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
         self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder  # None without an image config
         self.pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else 0  # fixed shapes: batches sequence_len wide
-        self.loss_fn, self.autocast = loss_fn_for(cfg), autocast_for(self.device, self.dtype)
 
     def load_checkpoint(self) -> None:
         """The state of the step to start from: step 0, or a checkpoint's (model, optimizer, scheduler, RNG)."""
