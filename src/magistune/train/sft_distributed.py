@@ -219,8 +219,9 @@ class SFTDistributed:
         self.step, self.position, self.rng = self.step + 1, next_position, ckpt.capture_rng()
         self.losses.append([self.step, result.loss if result.n_trained else None])
         w = self.window
-        w.loss_sum, w.n_trained, w.n_tokens = w.loss_sum + result.loss_sum, w.n_trained + result.n_trained, \
-            w.n_tokens + result.n_tokens
+        w.loss_sum += result.loss_sum
+        w.n_trained += result.n_trained
+        w.n_tokens += result.n_tokens
         w.seconds += time.perf_counter() - t0
         self.run_seconds, self.run_steps = self.run_seconds + time.perf_counter() - t0, self.run_steps + 1
         self.log.advance()
