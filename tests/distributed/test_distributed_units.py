@@ -223,7 +223,7 @@ def test_meta_device_build_gets_the_tiled_mlp():
     swapped in there too, under the names rank 0's weights arrive with."""
     from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 
-    from magistune.model import tiny_text_config
+    from magistune.model_files import tiny_text_config
     from magistune.model.fused import SwiGLUMLP
     from magistune.train.sharding import _adapt_like_build_model
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from magistune.export.names import param_names
-from magistune.export.shards import DEFAULT_SHARD_BYTES, TensorReader, TensorSpec, checkpoint_files, read_specs, write_sharded
+from magistune.model_files.shards import DEFAULT_SHARD_BYTES, TensorReader, TensorSpec, checkpoint_files, read_specs, write_sharded
 
 PREFIX = "base_model.model."  # PEFT's prefix in front of the model's own module names
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -3,7 +3,7 @@
     model, info = build_model(cfg, device)
     print(format_model_info(info))
 
-is resolve_model_dir -> load_model -> (load_adapter | apply_lora | full fine-tuning), each usable alone.
+is resolve_model_dir (model_files/) -> load_model -> (load_adapter | apply_lora | full fine-tuning), each usable alone.
 """
 
 from __future__ import annotations
@@ -27,15 +27,9 @@ from magistune.model.load import (
     freeze_except,
     load_model,
     model_info,
+    pick_device,
     resolve_dtype,
     resolve_model_dir,
-)
-from magistune.model.tiny import (
-    magistral_small_config,
-    magistral_small_vision_config,
-    materialize_tiny,
-    tiny_text_config,
-    tiny_vision_config,
 )
 
 
@@ -59,7 +53,6 @@ def build_model(cfg: Config, device: torch.device, tokenizer=None) -> tuple[nn.M
 
 __all__ = [
     "ModelError", "ModelInfo", "apply_lora", "build_model", "check_model_dir", "enable_checkpointing",
-    "format_model_info", "freeze_except", "load_adapter", "load_model", "lora_target_regex",
-    "magistral_small_config", "magistral_small_vision_config", "materialize_tiny", "model_info",
-    "resolve_dtype", "resolve_model_dir", "save_trained", "tiny_text_config", "tiny_vision_config",
+    "format_model_info", "freeze_except", "load_adapter", "load_model", "lora_target_regex", "model_info",
+    "pick_device", "resolve_dtype", "resolve_model_dir", "save_trained",
 ]
