@@ -10,7 +10,7 @@ from transformers import LlamaConfig, Mistral3Config, Mistral3ForConditionalGene
 
 from magistune.model import ModelError, check_model_dir, format_model_info, freeze_except, load_model, model_info, resolve_dtype
 from magistune.model.load import resolve_attn
-from magistune.tokenizer import load_tokenizer, shipped_tokenizer_file
+from magistune.tokenizer import shipped_tokenizer_file
 
 CPU = torch.device("cpu")
 

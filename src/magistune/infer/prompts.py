@@ -17,11 +17,10 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from magistune.config import Config, ConfigError
 from magistune.data.errors import RecordError, short_error
 from magistune.data.images import IMAGE_PARTS
 from magistune.data.records import MESSAGE_KEYS, ROLES
-from magistune.tokenizer import TokenizerError, load_tokenizer
+from magistune.tokenizer import load_tokenizer
 
 _TRAINING_ONLY_KEYS = ("weight", "train")  # mean nothing at inference; dropped
 
