@@ -245,5 +245,6 @@ def format_model_info(info: ModelInfo) -> str:
             f"{_count(info.total_params)} params ({pct:.2f}%), weights {size} ({dtype})")
 
 
+# ModelError and resolve_model_dir live in model_files/ (below data and model); importable from here too.
 __all__ = ["ModelError", "ModelInfo", "check_model_dir", "check_vocab", "format_model_info",
            "freeze_except", "load_model", "model_info", "pick_device", "resolve_attn", "resolve_dtype", "resolve_model_dir"]
