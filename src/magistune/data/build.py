@@ -23,7 +23,8 @@ from magistune.data.records import RecordOptions, parse_record
 from magistune.data.report import DataReport, Rejected, format_report
 from magistune.data.sample import PreparedData, Sample
 from magistune.data.sources import BadLine, SourceError, iter_records, open_source, system_prompt_for
-from magistune.tokenizer import SpecialIds, TokenizerError, find_tokenizer_file, load_tokenizer, tiny_tokenizer_path
+from magistune.tokenizer import (TINY_NAMES, SpecialIds, TokenizerError, find_tokenizer_file, load_tokenizer,
+                                 tiny_tokenizer_path)
 
 
 def resolve_tokenizer_file(cfg: Config) -> Path:
@@ -33,13 +34,13 @@ def resolve_tokenizer_file(cfg: Config) -> Path:
         if not path.is_file():
             raise ConfigError(f"tokenizer_path: {path} not found")
         return path
-    from magistune.model_files import TINY_NAMES, resolve_model_dir  # imports torch: only when needed
-
     if cfg.base_model in TINY_NAMES:
         return tiny_tokenizer_path()  # the tokenizer alone: no model folder written
     local = cfg.resolve(cfg.base_model)
     if local is not None and local.is_dir():
         return find_tokenizer_file(local)
+    from magistune.model_files import resolve_model_dir  # a hub id (the local HF cache); imports torch
+
     return find_tokenizer_file(resolve_model_dir(cfg.base_model, cfg.config_dir))
 
 

@@ -21,9 +21,9 @@ import torch
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, MistralForCausalLM
 from transformers import PixtralVisionConfig
 
-from magistune.tokenizer import SpecialIds, default_cache_dir, load_tokenizer, tiny_tokenizer_path, write_tiny_tekken
+from magistune.tokenizer import (TINY_NAMES, SpecialIds, default_cache_dir, load_tokenizer, tiny_tokenizer_path,
+                                 write_tiny_tekken)
 
-TINY_NAMES = ("tiny-random", "tiny-random-vision")
 _FORMAT = 1  # bump when the way tiny models are written changes; the folder name carries it
 
 # Magistral Small 2506/2507 (and the language model of 2509). Every Magistral uses the v13 Tekken
