@@ -8,7 +8,7 @@
 The model is adapted and sharded as `magistune train` does it (model.adapt_model, then magistune.train.sharding's
 fsdp_shard / ddp_wrap), from random weights instead of a checkpoint (build_random_model below): full and LoRA on
 the meta device, then each rank fills its own shards with random values (nobody holds the whole model); QLoRA with
-random_init.random_model on every GPU (NF4 packed in bf16 storage), then sharded. The step is
+random_model.random_model on every GPU (NF4 packed in bf16 storage), then sharded. The step is
 sft_distributed.py's: forward_backward with the all-rank token normaliser through the FSDP root, global gradient
 clipping, AdamW.
 Every token is trained; bf16 (FSDP2 MixedPrecisionPolicy: bf16 compute, fp32 gradient reduction); non-reentrant
@@ -51,7 +51,8 @@ def config_for(args):
 
 
 def model_config(args):
-    from magistune.model.tiny import magistral_small_config, tiny_text_config
+    from magistune.model_files import tiny_text_config
+    from random_model import magistral_small_config  # bench/random_model.py (bench/ is on sys.path)
 
     if args.tiny:
         return tiny_text_config()
@@ -66,12 +67,12 @@ def build_random_model(ranks, mode: str, config, cfg, loss_fn):
 
     FSDP without 4-bit: built on the meta device, sharded, then each rank fills only its own shards
     (normal(0, 0.02), norms 1, LoRA B 0): no rank ever holds the whole model (Magistral Small in bf16 is
-    47 GB). QLoRA and DDP: random_init.random_model on every rank's GPU (a 4-bit model quantises layer by
+    47 GB). QLoRA and DDP: random_model.random_model on every rank's GPU (a 4-bit model quantises layer by
     layer from bf16), then sharded or wrapped."""
     from magistune.model import adapt_model, model_info
     from magistune.model.load import resolve_attn, resolve_dtype
     from magistune.model.parts import model_class
-    from magistune.model.random_init import random_model
+    from random_model import random_model
     from magistune.train.sharding import ddp_wrap, fsdp_mesh, fsdp_shard
 
     device, dtype = ranks.device, resolve_dtype(cfg, ranks.device)

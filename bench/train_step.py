@@ -3,7 +3,7 @@
     python bench/train_step.py --side magistune --seq 2048 --mbs 2 --accum 4 [--layers 40] [--steps 3]
         [--random-lengths | --packing] [--cce] [--offload] [--attn sdpa|flex_attention|flash_attention_2]
 
-Sides (same random NF4 model from magistune.model.random_init, same LoRA r/alpha/dropout/targets, same
+Sides (same random NF4 model from bench/random_model.py, same LoRA r/alpha/dropout/targets, same
 8-bit AdamW, bf16 autocast, non-reentrant gradient checkpointing; every token trained):
     magistune      our loop: apply_lora, token-normalised forward_backward, chunked loss on trained positions
     reference      the stock stack Axolotl runs on: PEFT get_peft_model on bnb Linear4bit, HF loss
@@ -49,7 +49,8 @@ def config_for(args) -> "object":
 
 
 def model_config(args):
-    from magistune.model.tiny import magistral_small_config, magistral_small_vision_config, tiny_text_config, tiny_vision_config
+    from magistune.model_files.tiny import tiny_text_config, tiny_vision_config
+    from random_model import magistral_small_config, magistral_small_vision_config
 
     if args.vision:
         if args.tiny:
@@ -164,7 +165,7 @@ def main() -> None:
         p.error("--vision uses one fixed image conversation; it does not combine with --packing/--random-lengths")
 
     from magistune.model.adapt import apply_lora, enable_checkpointing
-    from magistune.model.random_init import random_model
+    from random_model import random_model
     from magistune.train.batches import Batch
     from magistune.train.loss import cce_unusable, decoder_and_head, forward_backward, loss_fn_for
     from magistune.train.optim import build_optimizer

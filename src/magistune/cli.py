@@ -101,7 +101,7 @@ def _sampling(args: argparse.Namespace):
 
 
 def _system_prompt(args: argparse.Namespace, source) -> str | None:
-    from magistune.infer.prompts import config_system_prompt
+    from magistune.data.sources import config_system_prompt
 
     return args.system if args.system is not None else config_system_prompt(source.cfg)
 
@@ -114,7 +114,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import os
 
     from magistune.infer.chat import Style, run_chat
-    from magistune.infer.loading import load_for_inference, pick_device
+    from magistune.infer.loading import load_for_inference
+    from magistune.model.load import pick_device
 
     source = _source(args)
     opts, system = _sampling(args), _system_prompt(args, source)
@@ -128,7 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from magistune.infer.generate import run_generate
-    from magistune.infer.loading import load_for_inference, pick_device
+    from magistune.infer.loading import load_for_inference
+    from magistune.model.load import pick_device
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
@@ -145,7 +147,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from magistune.data.build import DataError
     from magistune.infer.evaluate import run_evaluate, select_samples
-    from magistune.infer.loading import load_for_inference, pick_device, resolve_source
+    from magistune.infer.loading import load_for_inference, resolve_source
+    from magistune.model.load import pick_device
     from magistune.tokenizer import TokenizerError
 
     cfg = _load(args.config)
@@ -177,7 +180,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from magistune.data.build import resolve_tokenizer_file
     from magistune.export.merge import MergeError, merge_adapter
     from magistune.infer.loading import check_adapter_dir
-    from magistune.model.load import resolve_model_dir
+    from magistune.model_files import resolve_model_dir
 
     cfg = _load(args.config)
     if args.adapter:
@@ -206,7 +209,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _export_model_dir(args: argparse.Namespace):
     from pathlib import Path
 
-    from magistune.model.load import resolve_model_dir
+    from magistune.model_files import resolve_model_dir
 
     if args.model:
         return resolve_model_dir(args.model, Path.cwd())

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magistune.config_compat import (
-    ACCEPTED_NOOP_KEYS, LATER_ISSUE_KEYS, UNSUPPORTED_AXOLOTL_KEYS, normalise_axolotl_fsdp,
+    ACCEPTED_NOOP_KEYS, UNSUPPORTED_AXOLOTL_KEYS, normalise_axolotl_fsdp,
 )
 
 
@@ -264,9 +264,6 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path
             key = ".".join(str(p) for p in err["loc"]) or "(config)"
             lines.append(f"{key}: {err['msg']}")
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
-    for key, issue in LATER_ISSUE_KEYS.items():
-        if getattr(cfg, key, None):
-            notes.append(f"{key}: accepted, not active yet ({issue})")
     if raw.get("activation_offloading") and not raw.get("gradient_checkpointing"):
         notes.append("activation_offloading: turns gradient_checkpointing on (the checkpointed layer inputs are "
                      "what it offloads)")

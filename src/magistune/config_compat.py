@@ -61,10 +61,6 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "unsloth_lora_mlp": "Unsloth kernels are not supported",
 }
 
-# Keys whose feature arrives with a later issue: accepted and reported as "not active yet".
-LATER_ISSUE_KEYS: dict[str, str] = {}
-
-
 # Axolotl's FSDP settings → magistune's keys (docs/multi-gpu.md). Axolotl spells them as `fsdp: [full_shard,
 # auto_wrap, offload]` (FSDP1 style) or `fsdp_version: 2` + `fsdp_config: {offload_params: …}`, with or without the
 # `fsdp_` prefix inside fsdp_config. magistune always runs FSDP2 with each decoder layer as a unit.

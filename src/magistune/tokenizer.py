@@ -27,6 +27,9 @@ TINY_SPECIAL_TOKENS = _LEGACY_CONTROL + [f"<SPECIAL_{i}>" for i in range(20, 32)
 # Magistral Small 2509's image settings: 14-pixel patches, 2x2 spatial merge, images up to 1540 pixels.
 TINY_IMAGE_CONFIG = {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2}
 TINY_SOURCE = "tekken_240911.json"  # shipped inside the mistral-common wheel
+# The built-in random-weight models (model_files/tiny.py writes them); all use the tokenizer below. Here, not in
+# tiny.py, so that the data stage can recognise them without importing torch.
+TINY_NAMES = ("tiny-random", "tiny-random-vision")
 
 
 class TokenizerError(ValueError):

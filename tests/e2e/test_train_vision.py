@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from magistune.model.tiny import materialize_tiny
+from magistune.model_files import materialize_tiny
 
 pytestmark = pytest.mark.slow
 SHAPES = Path(__file__).resolve().parents[2] / "examples" / "data" / "shapes.jsonl"

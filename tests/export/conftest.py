@@ -1,6 +1,6 @@
 import pytest
 
-from magistune.model import materialize_tiny
+from magistune.model_files import materialize_tiny
 
 
 @pytest.fixture(scope="session")

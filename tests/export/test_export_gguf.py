@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from magistune.cli import main
-from magistune.export.native import to_native
+from magistune.model_files.native import to_native
 from magistune.export.to_gguf import export_gguf
 from magistune.tokenizer import load_tokenizer
 

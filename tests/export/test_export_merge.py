@@ -16,7 +16,7 @@ from transformers import Mistral3ForConditionalGeneration, MistralForCausalLM
 from adapter_helpers import save_adapter
 from magistune.cli import main
 from magistune.export.merge import MergeError, merge_adapter
-from magistune.export.shards import checkpoint_files
+from magistune.model_files.shards import checkpoint_files
 
 IDS = torch.randint(100, 131072, (2, 12), generator=torch.Generator().manual_seed(1))
 BF16_EPS = 2.0 ** -8  # bf16 keeps 8 significant bits: a rounded weight is within 2^-9 relative of the exact one

@@ -13,8 +13,9 @@ from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
 from adapter_helpers import save_adapter
 from magistune.cli import main
-from magistune.export.native import ExportError, hf_layout_for, hf_to_native, native_to_hf
-from magistune.export.shards import checkpoint_files
+from magistune.export.native import ExportError, hf_to_native
+from magistune.model_files.native import hf_layout_for, native_to_hf
+from magistune.model_files.shards import checkpoint_files
 
 IDS = torch.randint(100, 131072, (2, 12), generator=torch.Generator().manual_seed(2))
 
@@ -111,7 +112,7 @@ def test_vision_and_adapter_outputs_are_refused_clearly(vision_dir, tmp_path, ca
 
 def test_native_layout_as_training_base_model(native_dir, tiny_dir, tmp_path, monkeypatch):
     """base_model: <native folder> resolves to a converted HF copy whose logits equal the original's."""
-    from magistune.model.load import resolve_model_dir
+    from magistune.model_files import resolve_model_dir
 
     monkeypatch.setenv("HOME", str(tmp_path))  # the conversion cache lives under ~/.cache/magistune
     converted = resolve_model_dir(str(native_dir))

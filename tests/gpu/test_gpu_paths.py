@@ -61,8 +61,10 @@ def test_random_model_quantises_on_cuda():
     import bitsandbytes as bnb
 
     from magistune.config import parse_config
-    from magistune.model.random_init import random_model
-    from magistune.model.tiny import tiny_text_config
+    from magistune.model_files import tiny_text_config
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from random_model import random_model
 
     cfg = parse_config({"base_model": "tiny-random", "datasets": [{"path": "x.jsonl"}], "adapter": "qlora",
                         "load_in_4bit": True, "lora_target_linear": True})[0]

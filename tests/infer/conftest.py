@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from infer_helpers import write_scripted_model
-from magistune.infer.loading import load_for_inference, resolve_source, pick_device
+from magistune.infer.loading import load_for_inference, resolve_source
+from magistune.model import pick_device
 from magistune.infer.prompts import load_chat_tokenizer
-from magistune.model import materialize_tiny
+from magistune.model_files import materialize_tiny
 from magistune.tokenizer import SpecialIds
 
 

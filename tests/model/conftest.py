@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from magistune.config import parse_config
-from magistune.model import materialize_tiny
+from magistune.model_files import materialize_tiny
 from magistune.tokenizer import load_tokenizer
 
 

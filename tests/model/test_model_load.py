@@ -1,15 +1,16 @@
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from transformers import Mistral3ForConditionalGeneration, MistralForCausalLM
+from transformers import LlamaConfig, Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, MistralForCausalLM
 
-from magistune.model import ModelError, format_model_info, freeze_except, load_model, model_info, resolve_dtype
+from magistune.model import ModelError, check_model_dir, format_model_info, freeze_except, load_model, model_info, resolve_dtype
 from magistune.model.load import resolve_attn
-from magistune.tokenizer import load_tokenizer, shipped_tokenizer_file
+from magistune.tokenizer import shipped_tokenizer_file
 
 CPU = torch.device("cpu")
 
@@ -96,3 +97,31 @@ def test_format_model_info():
     assert format_model_info(info) == (
         "MistralConfig (text): trainable 21.0M / total 24.0B params (0.09%), weights 13.2 GiB (bfloat16 + nf4)"
     )
+
+
+def test_unsupported_config_class(tmp_path):
+    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="LlamaConfig .*'llama'.* not supported"):
+        check_model_dir(tmp_path)
+
+
+def test_unreadable_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="cannot be read as a model config"):
+        check_model_dir(tmp_path)
+
+
+def test_weights_must_exist(tmp_path, text_dir):
+    (tmp_path / "config.json").write_bytes((text_dir / "config.json").read_bytes())
+    with pytest.raises(ModelError, match="no model.safetensors"):
+        check_model_dir(tmp_path)
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="missing: \\['model-00002-of-00002.safetensors'\\]"):
+        check_model_dir(tmp_path)
+
+
+def test_check_model_dir_accepts_the_tiny_models(text_dir, vision_dir):
+    assert isinstance(check_model_dir(text_dir), MistralConfig)
+    assert isinstance(check_model_dir(vision_dir), Mistral3Config)

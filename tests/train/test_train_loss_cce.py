@@ -81,7 +81,7 @@ def test_cce_on_cuda_matches_the_chunked_loss():
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
 
-    from magistune.model.tiny import materialize_tiny
+    from magistune.model_files import materialize_tiny
 
     torch.manual_seed(0)
     model = MistralForCausalLM.from_pretrained(materialize_tiny("tiny-random"), dtype=torch.bfloat16,

@@ -88,7 +88,7 @@ def test_token_loss_sum_with_offload_on_cpu_is_unchanged():
 def test_offload_on_cuda_moves_layer_inputs_to_pinned_memory_and_keeps_gradients():
     from transformers import MistralForCausalLM
 
-    from magistune.model.tiny import materialize_tiny
+    from magistune.model_files import materialize_tiny
 
     torch.manual_seed(0)
     model = MistralForCausalLM.from_pretrained(materialize_tiny("tiny-random"), dtype=torch.float32,

@@ -12,7 +12,7 @@ from transformers import AttentionInterface, MistralForCausalLM
 
 from magistune.config import parse_config
 from magistune.data.sample import IGNORE_INDEX, Sample
-from magistune.model.tiny import materialize_tiny
+from magistune.model_files import materialize_tiny
 from magistune.train.batches import (
     DataPosition, StepStream, collate, collate_packed, cu_seq_lens_varlen, eval_batches, steps_per_epoch,
 )

@@ -13,7 +13,7 @@ from magistune.data.encode import ConversationEncoder
 from magistune.data.images import ImageOptions
 from magistune.data.records import RecordOptions, parse_record
 from magistune.data.sample import Sample
-from magistune.model.tiny import materialize_tiny
+from magistune.model_files import materialize_tiny
 from magistune.tokenizer import SpecialIds, load_tokenizer, tiny_tokenizer_path
 from magistune.train.batches import collate
 from magistune.train.loss import token_loss_sum

@@ -10,34 +10,21 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from magistune.config import Config, ConfigError, DatasetConfig
+from magistune.data.cache import cache_key, load_cached, save_cached
 from magistune.data.encode import ConversationEncoder, LabelOptions
-from magistune.data.records import RecordError, RecordOptions, parse_record
-from magistune.data.report import DataReport, Rejected, format_report
-from magistune.data.sample import Sample
-from magistune.data.sources import BadLine, SourceError, iter_records, open_source
+from magistune.data.errors import DataError, RecordError
 from magistune.data.images import ImageOptions, local_file_stamp
-from magistune.tokenizer import SpecialIds, TokenizerError, find_tokenizer_file, load_tokenizer, tiny_tokenizer_path
-
-TINY_MODELS = ("tiny-random", "tiny-random-vision")
-
-
-class DataError(ValueError):
-    """Bad records under on_bad_record: error, or a dataset that cannot be read. The message lists them all."""
-
-
-@dataclass
-class PreparedData:
-    train: list[Sample]
-    eval: list[Sample]
-    tokenizer_file: Path
-    report: DataReport
-    from_cache: bool = False
+from magistune.data.records import RecordOptions, parse_record
+from magistune.data.report import DataReport, Rejected, format_report
+from magistune.data.sample import PreparedData, Sample
+from magistune.data.sources import BadLine, SourceError, iter_records, open_source, system_prompt_for
+from magistune.tokenizer import (TINY_NAMES, SpecialIds, TokenizerError, find_tokenizer_file, load_tokenizer,
+                                 tiny_tokenizer_path)
 
 
 def resolve_tokenizer_file(cfg: Config) -> Path:
@@ -47,28 +34,14 @@ def resolve_tokenizer_file(cfg: Config) -> Path:
         if not path.is_file():
             raise ConfigError(f"tokenizer_path: {path} not found")
         return path
-    if cfg.base_model in TINY_MODELS:
-        return tiny_tokenizer_path()
+    if cfg.base_model in TINY_NAMES:
+        return tiny_tokenizer_path()  # the tokenizer alone: no model folder written
     local = cfg.resolve(cfg.base_model)
     if local is not None and local.is_dir():
         return find_tokenizer_file(local)
-    from magistune.model.load import resolve_model_dir  # a hub id: the local Hugging Face cache
+    from magistune.model_files import resolve_model_dir  # a hub id (the local HF cache); imports torch
 
     return find_tokenizer_file(resolve_model_dir(cfg.base_model, cfg.config_dir))
-
-
-def config_system_prompt(cfg: Config) -> str | None:
-    """The config's system prompt: system_prompt, or system_prompt_file's text (chat and generate use it too)."""
-    if cfg.system_prompt_file:
-        path = cfg.resolve(cfg.system_prompt_file)
-        if not path.is_file():
-            raise ConfigError(f"system_prompt_file: {path} not found")
-        return path.read_text(encoding="utf-8").strip()
-    return cfg.system_prompt
-
-
-def system_prompt_for(ds: DatasetConfig, cfg: Config) -> str | None:
-    return ds.system_prompt if ds.system_prompt is not None else config_system_prompt(cfg)
 
 
 def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, rep: DataReport,
@@ -224,8 +197,6 @@ def build_data(cfg: Config, progress: bool = True) -> PreparedData:
 
 def prepare_data(cfg: Config, progress: bool = True) -> PreparedData:
     """The samples for training: from the cache when config, data and tokenizer are unchanged."""
-    from magistune.data.cache import cache_key, load_cached, save_cached
-
     key = cache_key(cfg, resolve_tokenizer_file(cfg))
     cached = load_cached(cfg.prepared_dir, key)
     if cached is not None:

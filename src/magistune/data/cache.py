@@ -20,10 +20,11 @@ import numpy as np
 
 from magistune import __version__
 from magistune.config import Config
-from magistune.data.report import DataReport
-from magistune.data.sample import Sample
+from magistune.data.errors import DataError
 from magistune.data.images import local_file_stamp
-from magistune.data.sources import SourceError, open_source, source_fingerprint
+from magistune.data.report import DataReport
+from magistune.data.sample import PreparedData, Sample
+from magistune.data.sources import SourceError, open_source, source_fingerprint, system_prompt_for
 from magistune.tokenizer import file_digest
 
 ENCODER_VERSION = 2  # bump when the encoding or labelling logic changes
@@ -32,8 +33,6 @@ _DATA_KEYS = ("datasets", "sequence_len", "excess_length_strategy", "val_set_siz
 
 
 def cache_key(cfg: Config, tokenizer_file: Path) -> str:
-    from magistune.data.build import DataError, system_prompt_for
-
     h = hashlib.sha256()
     h.update(f"magistune {__version__} encoder {ENCODER_VERSION}\n".encode())
     h.update(json.dumps(cfg.model_dump(include=set(_DATA_KEYS), mode="json"), sort_keys=True).encode())
@@ -51,7 +50,7 @@ def _entry(root: Path, key: str) -> Path:
     return root / key[:16]
 
 
-def save_cached(root: Path, key: str, data) -> Path:
+def save_cached(root: Path, key: str, data: PreparedData) -> Path:
     """Write atomically: a temporary folder renamed into place, so a crash never leaves half an entry."""
     final = _entry(root, key)
     tmp = root / f".{key[:16]}.tmp{os.getpid()}"
@@ -68,7 +67,7 @@ def save_cached(root: Path, key: str, data) -> Path:
     return final
 
 
-def _write_entry(tmp: Path, key: str, data) -> None:
+def _write_entry(tmp: Path, key: str, data: PreparedData) -> None:
     samples = data.train + data.eval
     lengths = np.array([len(s) for s in samples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -95,9 +94,7 @@ def _write_entry(tmp: Path, key: str, data) -> None:
     (tmp / "samples.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
-def load_cached(root: Path, key: str):
-    from magistune.data.build import PreparedData
-
+def load_cached(root: Path, key: str) -> PreparedData | None:
     entry = _entry(root, key)
     meta_file, tokens_file = entry / "samples.json", entry / "tokens.npz"
     if not (meta_file.is_file() and tokens_file.is_file()):

@@ -17,7 +17,8 @@ from mistral_common.protocol.instruct.chunk import ImageChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from magistune.data.records import Conversation, RecordError
+from magistune.data.errors import RecordError, short_error
+from magistune.data.records import Conversation
 from magistune.data.sample import IGNORE_INDEX
 from magistune.tokenizer import SpecialIds
 
@@ -64,7 +65,7 @@ class ConversationEncoder:
             if hasattr(it, "_validate_tool_results"):  # v2+ run this check inside encode_instruct
                 it._validate_tool_results(request=request)
         except Exception as e:
-            raise RecordError("rejected_by_mistral_common", f"mistral-common rejected the conversation: {_short(e)}") from None
+            raise RecordError("rejected_by_mistral_common", f"mistral-common rejected the conversation: {short_error(e)}") from None
 
         run_weights = iter(assistant_run_weights(conv))
         first_user, last_user = it.find_first_last_user(request)
@@ -98,7 +99,7 @@ class ConversationEncoder:
         except RecordError:
             raise
         except Exception as e:  # assertions and TokenizerExceptions from the per-message encoders
-            raise RecordError("rejected_by_mistral_common", f"mistral-common could not encode it: {_short(e)}") from None
+            raise RecordError("rejected_by_mistral_common", f"mistral-common could not encode it: {short_error(e)}") from None
 
         if opts.train_on_inputs:
             labels = [IGNORE_INDEX] + input_ids[1:]
@@ -131,8 +132,3 @@ class ConversationEncoder:
             labels[start:end] = [IGNORE_INDEX] * (end - start)
             pos = min(end, n)
         return labels
-
-
-def _short(e: Exception) -> str:
-    text = (str(e) or type(e).__name__).strip().replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -16,7 +16,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, Finetuni
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-from magistune.data.errors import RecordError
+from magistune.data.errors import RecordError, short_error
 from magistune.data.images import IMAGE_PARTS, ImageOptions, load_image_part
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -184,7 +184,7 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
     try:
         request = ChatCompletionRequest.from_openai(clean, tools=tools)
     except Exception as e:  # pydantic ValidationError, ValueError, … from mistral-common
-        raise RecordError("invalid_format", f"mistral-common rejected the record: {_short(e)}") from None
+        raise RecordError("invalid_format", f"mistral-common rejected the record: {short_error(e)}") from None
 
     # Carry the weights on the messages so that mistral-common's normaliser never merges a trained assistant
     # message with an untrained neighbour (it merges consecutive messages of equal role *and* weight).
@@ -215,8 +215,3 @@ def _image_chunks(i: int, content: Any, opts: RecordOptions, image_bytes: dict[i
         else:
             chunks.append(TextChunk(text=part["text"]))
     return chunks
-
-
-def _short(e: Exception) -> str:
-    text = str(e).strip().replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."

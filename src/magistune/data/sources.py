@@ -3,7 +3,8 @@ Hugging Face dataset name through `datasets.load_dataset` (offline: the local ca
 
 Each source yields (location, record) where location is `file:line` (JSON lines) or `file:row N`
 (0-based rows of JSON lists, parquet and datasets). A line that is not valid JSON yields a `BadLine`
-so the caller reports it like any other bad record; nothing is skipped silently.
+so the caller reports it like any other bad record; nothing is skipped silently. A dataset's system prompt
+(its own, else the config's) is decided here too: the encoder and the cache key both need it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from magistune.config import Config, DatasetConfig
+from magistune.config import Config, ConfigError, DatasetConfig
 
 
 class SourceError(ValueError):
@@ -143,3 +144,17 @@ def source_fingerprint(src: Source) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def config_system_prompt(cfg: Config) -> str | None:
+    """The config's system prompt: system_prompt, or system_prompt_file's text (chat and generate use it too)."""
+    if cfg.system_prompt_file:
+        path = cfg.resolve(cfg.system_prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"system_prompt_file: {path} not found")
+        return path.read_text(encoding="utf-8").strip()
+    return cfg.system_prompt
+
+
+def system_prompt_for(ds: DatasetConfig, cfg: Config) -> str | None:
+    return ds.system_prompt if ds.system_prompt is not None else config_system_prompt(cfg)

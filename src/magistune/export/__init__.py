@@ -1,8 +1,10 @@
 """Writing a fine-tuned model out: merged Hugging Face weights, Mistral's native layout, GGUF.
 
-    shards.py    safetensors written one tensor at a time (header planned first), and read the same way
     names.py     checkpoint tensor names → loaded parameter names (transformers' own renamings)
     merge.py     `magistune merge`: W + s·B@A per tensor, bf16 shards, without loading the model
-    native.py    HF ↔ params.json + consolidated.safetensors (q/k rotary permutation undone / redone)
+    native.py    HF → params.json + consolidated.safetensors (q/k rotary permutation undone)
     to_gguf.py   `magistune export --format gguf`: llama.cpp's names, hparams and Tekken vocabulary
+
+The folders are read and written tensor by tensor with model_files/shards.py; the native → HF direction
+(used by `base_model: <native folder>`) is model_files/native.py.
 """

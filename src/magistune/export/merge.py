@@ -5,7 +5,7 @@ with rsLoRA), A the (r × in) and B the (out × r) matrix; for an embedding PEFT
 B as (dim × r), so W' = W + s · (B @ A)ᵀ. The sum is computed in fp32 and rounded to bf16 once.
 
 Tensor by tensor. The base checkpoint is read one tensor at a time (safetensors.safe_open), merged, written
-into output shards whose header was planned up front (shards.py), and freed. Anonymous memory therefore
+into output shards whose header was planned up front (model_files/shards.py), and freed. Anonymous memory therefore
 peaks at about one tensor: the bf16 input, its fp32 copy, the fp32 B @ A product inside addmm and the bf16
 result, 2 + 4 + 4 + 2 = 12 bytes per weight. For Magistral Small the largest tensor is embed_tokens or
 lm_head, 131,072 × 5,120 = 671M weights = 8 GB if LoRA targets it (lm_head in lora_target_modules), else the
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from magistune.export.names import param_names
-from magistune.export.shards import DEFAULT_SHARD_BYTES, TensorReader, TensorSpec, checkpoint_files, read_specs, write_sharded
+from magistune.model_files.shards import DEFAULT_SHARD_BYTES, TensorReader, TensorSpec, checkpoint_files, read_specs, write_sharded
 
 PREFIX = "base_model.model."  # PEFT's prefix in front of the model's own module names
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

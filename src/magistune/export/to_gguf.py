@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from magistune.export.names import param_names
-from magistune.export.native import text_config, to_native
-from magistune.export.shards import TensorReader, checkpoint_files, read_specs
+from magistune.export.native import text_config
+from magistune.model_files.native import to_native
+from magistune.model_files.shards import TensorReader, checkpoint_files, read_specs
 
 # The split pattern llama.cpp's "tekken" pre-tokenizer implements (llama-vocab.cpp quotes it as its source).
 TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"

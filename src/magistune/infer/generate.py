@@ -31,8 +31,6 @@ from magistune.infer.sampling import SamplingOptions, generate_ids, make_generat
 from magistune.infer.text import decode_text
 from magistune.infer.thinking import Completion
 
-OUTPUT_FIELDS = ("thinking", "answer", "finish_reason", "thinking_unclosed", "tokens")
-
 
 @dataclass
 class Slot:

@@ -74,7 +74,8 @@ def check_adapter_dir(path: Path, what: str = "--adapter") -> Path:
 def resolve_source(cfg: Config | None, model: str | None = None, adapter: str | None = None,
                    base_only: bool = False) -> ModelSource:
     """Decide what to load (see the module docstring) and check it. Raises ConfigError (a ModelError is one)."""
-    from magistune.model.load import check_model_dir, resolve_model_dir
+    from magistune.model.load import check_model_dir
+    from magistune.model_files import resolve_model_dir
 
     if cfg is None and model is None:
         raise ConfigError("give a config file, or --model DIR")
@@ -126,16 +127,10 @@ def _note_other_base(adapter_dir: Path, model_dir: Path) -> None:
         print(f"note: the adapter was trained on {trained_on}; loading it on {model_dir}", file=sys.stderr)
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def load_for_inference(source: ModelSource, device: torch.device | None = None) -> Loaded:
     """Load the model (+ adapter) in eval mode, and the tokenizer in inference mode."""
     from magistune.infer.prompts import load_chat_tokenizer
-    from magistune.model import load_adapter, load_model, resolve_dtype
+    from magistune.model import load_adapter, load_model, pick_device, resolve_dtype
 
     device = device or pick_device()
     tokenizer = load_chat_tokenizer(source.tokenizer_file)

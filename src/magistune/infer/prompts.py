@@ -17,12 +17,10 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from magistune.config import Config, ConfigError
-from magistune.data.build import config_system_prompt  # noqa: F401 (re-exported for the CLI)
-from magistune.data.errors import RecordError
+from magistune.data.errors import RecordError, short_error
 from magistune.data.images import IMAGE_PARTS
 from magistune.data.records import MESSAGE_KEYS, ROLES
-from magistune.tokenizer import TokenizerError, load_tokenizer
+from magistune.tokenizer import load_tokenizer
 
 _TRAINING_ONLY_KEYS = ("weight", "train")  # mean nothing at inference; dropped
 
@@ -63,7 +61,7 @@ def build_request(messages: Any, tools: Any = None, system_prompt: str | None = 
     try:
         return ChatCompletionRequest.from_openai(clean, tools=tools)
     except Exception as e:  # pydantic ValidationError, ValueError … from mistral-common
-        raise RecordError("invalid_format", f"mistral-common rejected the messages: {_short(e)}") from None
+        raise RecordError("invalid_format", f"mistral-common rejected the messages: {short_error(e)}") from None
 
 
 def encode_prompt(tokenizer: MistralTokenizer, request: ChatCompletionRequest) -> list[int]:
@@ -71,9 +69,4 @@ def encode_prompt(tokenizer: MistralTokenizer, request: ChatCompletionRequest) -
     try:
         return list(tokenizer.encode_chat_completion(request).tokens)
     except Exception as e:  # validation errors and assertions from mistral-common's encoders
-        raise RecordError("rejected_by_mistral_common", f"mistral-common could not encode the prompt: {_short(e)}") from None
-
-
-def _short(e: Exception) -> str:
-    text = (str(e) or type(e).__name__).strip().replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."
+        raise RecordError("rejected_by_mistral_common", f"mistral-common could not encode the prompt: {short_error(e)}") from None

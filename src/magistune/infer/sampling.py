@@ -2,7 +2,7 @@
 
 A small loop rather than `model.generate`, so that what it does is all here: every row stops on its own
 `</s>`, each step's ids are handed to a callback (the chat streams them), and the seed drives one
-`torch.Generator`. tests/infer/test_sampling.py checks it against transformers' greedy `generate`.
+`torch.Generator`. tests/infer/test_infer_sampling.py checks it against transformers' greedy `generate`.
 
 Left padding. Prompts of 5 and 3 tokens become
 

@@ -4,7 +4,7 @@ Streaming must print exactly what decoding the whole sequence gives. A Tekken to
 UTF-8 character may span two tokens ("é" = C3 A9 can arrive as C3, then A9), so decoding token by token
 would print replacement characters. `TextStream` feeds each token's bytes to an incremental UTF-8 decoder,
 which holds an incomplete character back until its last byte arrives: O(1) per token, and the same text as
-`decode_text` on the whole list (tests/infer/test_text.py checks it on random ids).
+`decode_text` on the whole list (tests/infer/test_infer_text_prompts.py checks it on random ids).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     model, info = build_model(cfg, device)
     print(format_model_info(info))
 
-is resolve_model_dir -> load_model (or empty_model: on the meta device) -> adapt_model (fused parts, then
-load_adapter | apply_lora | full fine-tuning), each usable alone.
+is resolve_model_dir (model_files/) -> load_model (or empty_model: on the meta device) -> adapt_model (fused parts,
+then load_adapter | apply_lora | full fine-tuning), each usable alone.
 """
 
 from __future__ import annotations
@@ -29,15 +29,9 @@ from magistune.model.load import (
     freeze_except,
     load_model,
     model_info,
+    pick_device,
     resolve_dtype,
     resolve_model_dir,
-)
-from magistune.model.tiny import (
-    magistral_small_config,
-    magistral_small_vision_config,
-    materialize_tiny,
-    tiny_text_config,
-    tiny_vision_config,
 )
 
 
@@ -78,7 +72,6 @@ def adapt_model(model: nn.Module, cfg: Config, device: torch.device,
 
 __all__ = [
     "ModelError", "ModelInfo", "adapt_model", "apply_lora", "build_model", "check_model_dir", "enable_checkpointing",
-    "format_model_info", "freeze_except", "load_adapter", "load_model", "lora_target_regex",
-    "magistral_small_config", "magistral_small_vision_config", "materialize_tiny", "model_info",
-    "resolve_dtype", "resolve_model_dir", "save_trained", "tiny_text_config", "tiny_vision_config",
+    "format_model_info", "freeze_except", "load_adapter", "load_model", "lora_target_regex", "model_info",
+    "pick_device", "resolve_dtype", "resolve_model_dir", "save_trained",
 ]

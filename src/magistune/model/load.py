@@ -1,4 +1,4 @@
-"""Config -> model: find the checkpoint, check it, load it (optionally as 4-bit NF4), choose what trains.
+"""Config -> model: check the folder (model_files/ resolves it), load it (optionally as 4-bit NF4), choose what trains.
 
 Everything that can be checked before the weights load is (config class, weight files, vocabulary size),
 so a 24B load never starts only to fail at the end.
@@ -27,82 +27,11 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, BitsAndBytesConfig, MistralConfig, PretrainedConfig
 
-from magistune.config import Config, ConfigError
+from magistune.config import Config
 from magistune.model import varlen_attention
 from magistune.model.parts import model_class, model_kind, outside_decoder
-from magistune.model.tiny import TINY_NAMES, materialize_tiny
+from magistune.model_files import ModelError, check_layout, resolve_model_dir
 from magistune.tokenizer import find_tokenizer_file, load_tokenizer, vocab_size
-
-
-class ModelError(ConfigError):
-    """A model that cannot be used as configured: the message names the path or key and the reason."""
-
-
-# --- where is the checkpoint ----------------------------------------------------------------------------
-
-
-def resolve_model_dir(base_model: str, config_dir: Path | None = None) -> Path:
-    """`base_model` -> a local Hugging Face model folder.
-
-    "tiny-random" / "tiny-random-vision" are written on first use; a local folder is used as it is (relative
-    paths against `config_dir` first, then the working directory); anything else is a hub id, looked up in
-    the local Hugging Face cache only: magistune never downloads.
-    """
-    if base_model in TINY_NAMES:
-        return materialize_tiny(base_model)
-    path = Path(base_model).expanduser()
-    candidates = [path] if path.is_absolute() or config_dir is None else [Path(config_dir) / path, path]
-    for candidate in candidates:
-        if candidate.is_dir():
-            if _is_native(candidate):
-                return _native_as_hf(candidate)
-            _check_layout(candidate)
-            return candidate
-    if path.is_absolute() or base_model.startswith((".", "~")) or base_model.count("/") != 1:
-        raise ModelError(f"base_model: {base_model}: model folder not found")
-    return _from_hub_cache(base_model)
-
-
-def _is_native(path: Path) -> bool:
-    return not (path / "config.json").is_file() and (path / "params.json").is_file() and any(path.glob("consolidated*.safetensors"))
-
-
-def _native_as_hf(path: Path) -> Path:
-    """Mistral's native layout (params.json + consolidated.safetensors), converted once to the HF layout."""
-    from magistune.export.native import hf_layout_for
-    from magistune.tokenizer import default_cache_dir
-
-    target = hf_layout_for(path, default_cache_dir() / "native")
-    print(f"note: {path} is in Mistral's native layout; using its Hugging Face conversion in {target}", file=sys.stderr)
-    return target
-
-
-def _check_layout(path: Path) -> None:
-    if (path / "config.json").is_file():
-        return
-    if (path / "params.json").is_file() and any(path.glob("consolidated*.safetensors")):
-        raise ModelError(
-            f"base_model: {path}: the native Mistral layout (params.json + consolidated.safetensors) is not supported "
-            "as base_model yet; use the Hugging Face layout (config.json + model*.safetensors), which the "
-            "mistralai repositories ship next to it"
-        )
-    raise ModelError(f"base_model: {path}: no config.json in this folder; it is not a Hugging Face model folder")
-
-
-def _from_hub_cache(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        path = Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
-        raise ModelError(
-            f"base_model: {repo_id}: not a local folder, and not in the local Hugging Face cache "
-            f"({type(e).__name__}); magistune has no hub access and never downloads. Download it first "
-            f"(`hf download {repo_id}`) or set base_model to a local model folder"
-        ) from None
-    _check_layout(path)
-    return path
 
 
 # --- is it a model we can train -------------------------------------------------------------------------
@@ -111,7 +40,7 @@ def _from_hub_cache(repo_id: str) -> Path:
 def check_model_dir(path: Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """Validate a model folder before any weight loads; returns its config."""
     path = Path(path)
-    _check_layout(path)
+    check_layout(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # json errors, unknown model_type, remote code refused ...
@@ -153,6 +82,13 @@ def check_vocab(config: PretrainedConfig, tokenizer_vocab: int, where: str) -> N
 
 
 # --- loading ----------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`name` ("cpu", "cuda:1", ...) if given, else the current CUDA device, else the CPU."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -318,5 +254,6 @@ def format_model_info(info: ModelInfo) -> str:
             f"{_count(info.total_params)} params ({pct:.2f}%), weights {size} ({dtype})")
 
 
+# ModelError and resolve_model_dir live in model_files/ (below data and model); importable from here too.
 __all__ = ["ModelError", "ModelInfo", "check_model_dir", "check_vocab", "empty_model", "format_model_info",
-           "freeze_except", "load_model", "model_info", "resolve_attn", "resolve_dtype", "resolve_model_dir"]
+           "freeze_except", "load_model", "model_info", "pick_device", "resolve_attn", "resolve_dtype", "resolve_model_dir"]

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from magistune.config import Config, ConfigError
+from magistune.model import pick_device  # preflight.pick_device: tests replace it to fake a GPU
 from magistune.train.checkpoint import resolve_resume
 from magistune.train.optim import check_optimizer
 
@@ -28,10 +29,6 @@ class Preflight:
     resume: Path | None
     device: torch.device
     notes: list[str]
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def check_writable(out_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Model configs: the real Magistral Small shapes, and `tiny-random` models built from them.
+"""`tiny-random` and `tiny-random-vision`: Magistral's shapes, shrunk, written as Hugging Face model folders.
 
 The tiny models keep everything that matters for correctness from the real ones (the 131072-row Tekken
 vocabulary, grouped-query attention, an explicit head_dim, untied embeddings, the Pixtral tower with
@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, MistralForCausalLM
+from transformers import PixtralVisionConfig
 
-from magistune.model.parts import model_class
-from magistune.tokenizer import SpecialIds, default_cache_dir, load_tokenizer, tiny_tokenizer_path, write_tiny_tekken
+from magistune.tokenizer import (TINY_NAMES, SpecialIds, default_cache_dir, load_tokenizer, tiny_tokenizer_path,
+                                 write_tiny_tekken)
 
-TINY_NAMES = ("tiny-random", "tiny-random-vision")
 _FORMAT = 1  # bump when the way tiny models are written changes; the folder name carries it
 
 # Magistral Small 2506/2507 (and the language model of 2509). Every Magistral uses the v13 Tekken
@@ -33,11 +33,13 @@ MAGISTRAL_ROPE_THETA = 1e9
 
 
 @functools.cache  # loading the 11 MB Tekken file takes a second
-def _special_ids() -> SpecialIds:
+def tiny_special_ids() -> SpecialIds:
+    """The special ids of the tiny Tekken file (it has the real v13 control-token ranks)."""
     return SpecialIds.of(load_tokenizer(tiny_tokenizer_path()))
 
 
-def _text_config(ids: SpecialIds, **shape) -> MistralConfig:
+def magistral_text_config(ids: SpecialIds, **shape) -> MistralConfig:
+    """A MistralConfig with Magistral's vocabulary, rotary base, activation and untied embeddings, and `shape`."""
     return MistralConfig(
         vocab_size=MAGISTRAL_VOCAB,
         hidden_act="silu",
@@ -59,8 +61,8 @@ def tiny_text_config() -> MistralConfig:
     a layer is q,o 64x64 + k,v 64x32 (12.3K) + gate,up,down 3 x 64x128 (24.6K) + 2 norms = 37.0K;
     2 layers + the final norm = 74K. Total 16.85M parameters, 99.6% of them in the two vocabulary matrices.
     """
-    return _text_config(
-        _special_ids(),
+    return magistral_text_config(
+        tiny_special_ids(),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -85,7 +87,7 @@ def _tiny_vision_tower() -> PixtralVisionConfig:
 
 def tiny_vision_config() -> Mistral3Config:
     """`tiny_text_config` with a tiny Pixtral tower in front, shaped like Magistral Small 2509."""
-    ids = _special_ids()
+    ids = tiny_special_ids()
     if ids.img is None:
         raise ValueError("the tiny tokenizer has no [IMG] token")
     return Mistral3Config(
@@ -97,53 +99,6 @@ def tiny_vision_config() -> Mistral3Config:
         multimodal_projector_bias=False,
         vision_feature_layer=-1,
         tie_word_embeddings=False,  # Mistral3Config defaults to True; Magistral's lm_head is its own matrix
-    )
-
-
-def magistral_small_config() -> MistralConfig:
-    """Magistral Small 2506's language model: 40 layers, 5120 wide, 23.6B parameters.
-
-    embed + lm_head: 2 x 131072 x 5120 = 1.34B. A layer: q,o 5120x4096 (21.0M each), k,v 5120x1024 (5.2M
-    each), gate,up,down 3 x 5120x32768 (503M) = 555.7M; 40 of them = 22.2B. Total 23.57B = 47.1 GB in bf16.
-    """
-    return _text_config(
-        _special_ids(),  # the tiny Tekken file has the real v13 control-token ranks
-        hidden_size=5120,
-        intermediate_size=32768,
-        num_hidden_layers=40,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,  # 32 x 128 = 4096 != 5120: q_proj maps 5120 -> 4096, o_proj maps it back
-        max_position_embeddings=40960,
-    )
-
-
-def magistral_small_vision_config(num_layers: int | None = None) -> Mistral3Config:
-    """Magistral Small 2509: Pixtral (24 layers, 1024 wide, 0.4B) + projector + the 2506 language model.
-
-    num_layers cuts the language model (e.g. 4 for a one-GPU benchmark that keeps the real widths).
-    """
-    text = magistral_small_config()
-    text.max_position_embeddings = 131072
-    if num_layers is not None:
-        text.num_hidden_layers = num_layers
-    vision = PixtralVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,  # head_dim 1024 / 16 = 64
-        image_size=1540,
-        patch_size=14,
-    )
-    return Mistral3Config(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=_special_ids().img,
-        spatial_merge_size=2,
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=False,
-        vision_feature_layer=-1,
-        tie_word_embeddings=False,
     )
 
 
@@ -187,9 +142,10 @@ def write_model_dir(config: MistralConfig | Mistral3Config, target: Path) -> boo
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        cls = Mistral3ForConditionalGeneration if isinstance(config, Mistral3Config) else MistralForCausalLM
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # leaves the caller's RNG alone
             torch.manual_seed(0)  # the same weights on every run
-            model = model_class(config)(config)
+            model = cls(config)
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         write_tiny_tekken(tmp / "tekken.json")
         tmp.chmod(0o755)  # mkdtemp makes it 0700

@@ -3,13 +3,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import AutoConfig, Mistral3Config, MistralConfig
 
-from magistune.model import magistral_small_config, magistral_small_vision_config, materialize_tiny
-from magistune.model import tiny_text_config, tiny_vision_config
-from magistune.model.parts import model_class
-from magistune.model.tiny import _fingerprint, write_model_dir
+from magistune.model_files.tiny import _fingerprint, materialize_tiny, tiny_text_config, tiny_vision_config, write_model_dir
 from magistune.tokenizer import SpecialIds, vocab_size
 
 
@@ -26,23 +22,6 @@ def test_tiny_configs_follow_the_tokenizer(tok):
     assert vision.tie_word_embeddings is False
     assert vision.vision_config.patch_size == 14 and vision.vision_config.image_size == 1540
     assert vision.spatial_merge_size == 2
-
-
-@pytest.mark.parametrize("make", [magistral_small_config, magistral_small_vision_config])
-def test_magistral_small_shapes(make):
-    config = make()
-    text = config.get_text_config()
-    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (40, 5120, 32768)
-    assert text.rope_parameters["rope_theta"] == 1e9 and text.tie_word_embeddings is False
-    with torch.device("meta"):
-        model = model_class(config)(config)
-    n = sum(p.numel() for p in model.parameters())
-    assert 23.5e9 < n < 24.1e9, n  # "24B"
-    assert make is magistral_small_config or sum(p.numel() for p in model.model.vision_tower.parameters()) > 0.3e9
-
-
-def test_vision_config_can_cut_layers():
-    assert magistral_small_vision_config(num_layers=2).text_config.num_hidden_layers == 2
 
 
 def test_materialized_dirs_load_as_hf_configs(text_dir, vision_dir):

@@ -1,10 +1,10 @@
-"""Safetensors files written one tensor at a time, so no export ever holds a whole model in memory.
+"""Safetensors files written and read one tensor at a time, so no conversion ever holds a whole model in memory.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON header
 ({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, space-padded to a multiple of 8),
-then the tensors' bytes back to back. Every export here knows each output tensor's name, dtype and shape
-before computing any of them (a merge or a rename never changes a shape), so the header is written first
-and each tensor is streamed after it as soon as it is computed, then freed.
+then the tensors' bytes back to back. Every writer (export/, native.py) knows each output tensor's name, dtype
+and shape before computing any of them (a merge or a rename never changes a shape), so the header is written
+first and each tensor is streamed after it as soon as it is computed, then freed.
 
 `write_safetensors` writes one file; `write_sharded` plans shards of at most `max_shard_bytes` in order and
 writes them with Hugging Face's names (model-00001-of-00003.safetensors + model.safetensors.index.json; a

@@ -1,12 +1,9 @@
 from __future__ import annotations
 
-import json
 import uuid
 
 import pytest
-from transformers import LlamaConfig, Mistral3Config, MistralConfig
-
-from magistune.model import ModelError, check_model_dir, materialize_tiny, resolve_model_dir
+from magistune.model_files import ModelError, materialize_tiny, resolve_model_dir
 
 
 def test_tiny_names_resolve_to_model_folders():
@@ -62,31 +59,3 @@ def test_hub_id_found_in_local_cache(tmp_path, monkeypatch, text_dir):
     (snap / "config.json").write_bytes((text_dir / "config.json").read_bytes())
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert resolve_model_dir("someone/tiny").resolve() == snap.resolve()
-
-
-def test_unsupported_config_class(tmp_path):
-    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128).save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ModelError, match="LlamaConfig .*'llama'.* not supported"):
-        check_model_dir(tmp_path)
-
-
-def test_unreadable_config(tmp_path):
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ModelError, match="cannot be read as a model config"):
-        check_model_dir(tmp_path)
-
-
-def test_weights_must_exist(tmp_path, text_dir):
-    (tmp_path / "config.json").write_bytes((text_dir / "config.json").read_bytes())
-    with pytest.raises(ModelError, match="no model.safetensors"):
-        check_model_dir(tmp_path)
-    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="missing: \\['model-00002-of-00002.safetensors'\\]"):
-        check_model_dir(tmp_path)
-
-
-def test_check_model_dir_accepts_the_tiny_models(text_dir, vision_dir):
-    assert isinstance(check_model_dir(text_dir), MistralConfig)
-    assert isinstance(check_model_dir(vision_dir), Mistral3Config)
