@@ -118,13 +118,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from magistune.infer.generate import run_generate
+    from magistune.infer.generate import check_paths, run_generate
     from magistune.infer.loading import load_for_inference, pick_device
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
-    if not Path(args.input).is_file():
-        raise ConfigError(f"--input: {args.input}: file not found")
+    problem = check_paths(Path(args.input), Path(args.output))
+    if problem:  # before the model loads
+        raise ConfigError(problem)
     source = _source(args)
     opts, system = _sampling(args), _system_prompt(args, source)
     _say_loading(source)
