@@ -24,9 +24,20 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from magistune.data.build import preprocess
+    from pathlib import Path
 
-    return preprocess(_load(args.config), dump=args.dump)
+    from magistune.data.build import prepared_dir_key, preprocess
+    from magistune.paths import check_writable_dir
+
+    cfg = _load(args.config)
+    # The folders preprocess writes, checked first (the same check as train's output_dir): the cache, and
+    # output_dir for rejects.jsonl when bad records are skipped.
+    check_writable_dir(cfg.prepared_dir, prepared_dir_key(cfg))
+    if cfg.on_bad_record == "skip":
+        check_writable_dir(cfg.out_dir, "output_dir")
+    if args.dump and (Path(args.dump).is_dir() or not Path(args.dump).parent.is_dir()):
+        raise ConfigError(f"--dump: {args.dump}: {'is a folder' if Path(args.dump).is_dir() else 'its folder does not exist'}")
+    return preprocess(cfg, dump=args.dump)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from magistune.data.report import DataReport, Rejected, format_report
 from magistune.data.sample import Sample
 from magistune.data.sources import BadLine, SourceError, iter_records, open_source
 from magistune.data.images import ImageOptions, local_file_stamp
+from magistune.paths import check_writable_dir
 from magistune.tokenizer import SpecialIds, TokenizerError, find_tokenizer_file, load_tokenizer, tiny_tokenizer_path
 
 TINY_MODELS = ("tiny-random", "tiny-random-vision")
@@ -87,6 +88,7 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
         )
         records = iter_records(src)
         samples: list[Sample] = []
+        records_before = rep.records
         for where, record in tqdm(records, desc=f"tokenising {ds.path}", unit=" rec", disable=not progress, file=sys.stderr):
             rep.records += 1
             if isinstance(record, BadLine):
@@ -121,6 +123,9 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
             samples.append(Sample(ids, labels, where, images))
     except SourceError as e:
         raise DataError(str(e)) from None
+    if rep.records == records_before:  # an empty file is a mistake (a failed export), not a dataset
+        raise DataError(f"{ds.path}: the dataset has no records (resolved to {src.path or ds.path}); "
+                        "fill it or remove it from datasets")
     return _cap_and_mix(samples, ds, cfg.seed)
 
 
@@ -205,7 +210,7 @@ def _apply_bad_record_policy(cfg: Config, rep: DataReport) -> None:
     if cfg.on_bad_record == "error":
         lines = [f"  {r.source}: {r.reason}: {r.message}" for r in rep.rejected]
         raise DataError(f"{len(rep.rejected)} bad record(s) ({counts}); fix them or set on_bad_record: skip\n" + "\n".join(lines))
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(cfg.out_dir, "output_dir")
     rejects = cfg.out_dir / "rejects.jsonl"
     with open(rejects, "w", encoding="utf-8") as f:
         for r in rep.rejected:
@@ -232,9 +237,15 @@ def prepare_data(cfg: Config, progress: bool = True) -> PreparedData:
         if cached.report.rejected:
             _apply_bad_record_policy(cfg, cached.report)
         return cached
+    check_writable_dir(cfg.prepared_dir, prepared_dir_key(cfg))  # before minutes of tokenising, not after
     data = build_data(cfg, progress)
     save_cached(cfg.prepared_dir, key, data)
     return data
+
+
+def prepared_dir_key(cfg: Config) -> str:
+    """The key that sets where the cache goes (for messages)."""
+    return "dataset_prepared_path" if cfg.dataset_prepared_path else "output_dir"
 
 
 def validate_data(cfg: Config) -> int:
@@ -257,8 +268,12 @@ def preprocess(cfg: Config, dump: str | None = None) -> int:
     print(format_report(data.report, cfg.sequence_len))
     print(f"cache: {cfg.prepared_dir} ({'reused' if data.from_cache else 'written'})")
     if dump:
-        with open(dump, "w", encoding="utf-8") as f:
-            for s in data.train + data.eval:
-                f.write(json.dumps(s.to_json()) + "\n")
+        try:
+            with open(dump, "w", encoding="utf-8") as f:
+                for s in data.train + data.eval:
+                    f.write(json.dumps(s.to_json()) + "\n")
+        except OSError as e:
+            print(f"error: --dump: {dump}: {e.strerror or e}", file=sys.stderr)
+            return 1
         print(f"dumped {len(data.train) + len(data.eval)} samples to {dump}")
     return 0
