@@ -84,7 +84,7 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
         opts = RecordOptions(
             ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on,
             supports_images=encoder.instruct.image_encoder is not None,
-            images=ImageOptions(base_dir or cfg.config_dir, cfg.allow_image_urls, cfg.image_fetch_timeout),
+            images=image_options(cfg, base_dir or cfg.config_dir),
         )
         records = iter_records(src)
         samples: list[Sample] = []
@@ -127,6 +127,13 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
         raise DataError(f"{ds.path}: the dataset has no records (resolved to {src.path or ds.path}); "
                         "fill it or remove it from datasets")
     return _cap_and_mix(samples, ds, cfg.seed)
+
+
+def image_options(cfg: Config, base_dir: Path) -> ImageOptions:
+    outside = cfg.allow_image_paths_outside_dataset
+    roots = tuple(cfg.resolve(r) for r in outside) if isinstance(outside, list) else ()
+    return ImageOptions(base_dir, cfg.allow_image_urls, cfg.image_fetch_timeout, cfg.max_image_pixels,
+                        allow_outside=outside is True, extra_roots=roots)  # type: ignore[arg-type]
 
 
 def image_cap_violation(ids: list[int], images: list, special: SpecialIds, cfg: Config) -> str | None:
