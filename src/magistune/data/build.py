@@ -18,7 +18,7 @@ from tqdm import tqdm
 from magistune.config import Config, ConfigError, DatasetConfig
 from magistune.data.encode import ConversationEncoder, LabelOptions
 from magistune.data.records import RecordError, RecordOptions, parse_record
-from magistune.data.report import DataReport, Rejected, format_report
+from magistune.data.report import DataReport, Rejected, format_report, format_warnings
 from magistune.data.sample import Sample
 from magistune.data.sources import BadLine, SourceError, iter_records, open_source
 from magistune.data.images import ImageOptions, local_file_stamp
@@ -106,6 +106,7 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
                 rep.rejected.append(Rejected(where, e.reason, e.message, record))
                 continue
             rep.valid += 1
+            rep.warnings += [Rejected(where, reason, message) for reason, message in conv.warnings]
             rep.lengths.append(len(ids))
             image_files.update(conv.image_origins)
             if over_cap:
@@ -207,7 +208,20 @@ def _split_and_count(samples: list[Sample], cfg: Config, rep: DataReport) -> tup
     rep.tokens_trained = sum(s.n_trained for s in samples)
     rep.images = sum(len(s.images) for s in samples)
     rep.image_bytes = sum(len(img) for s in samples for img in s.images)
+    if len(train) < len(eval_):
+        rep.warnings.append(Rejected("val_set_size", "small_train_split", (
+            f"val_set_size {cfg.val_set_size:g} leaves {len(train)} train and {len(eval_)} eval sample(s): fewer to "
+            "train on than to evaluate (below 1 it is a share of the samples, from 1 on a number of samples)")))
     return train, eval_
+
+
+def print_warnings(rep: DataReport, max_listed: int = 20) -> None:
+    """The report's warnings on stderr (train and evaluate print no report; validate-data and preprocess do)."""
+    if rep.warnings:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(rep.warning_counts().items()))
+        listed = [line for line in format_warnings(rep, max_listed) if line.startswith("    ")]
+        print(f"warning: {len(rep.warnings)} data warning(s) ({counts}); the samples are kept:\n" + "\n".join(listed),
+              file=sys.stderr)
 
 
 def _apply_bad_record_policy(cfg: Config, rep: DataReport) -> None:
@@ -234,19 +248,22 @@ def build_data(cfg: Config, progress: bool = True) -> PreparedData:
     return PreparedData(train, eval_, tok_file, rep)
 
 
-def prepare_data(cfg: Config, progress: bool = True) -> PreparedData:
-    """The samples for training: from the cache when config, data and tokenizer are unchanged."""
+def prepare_data(cfg: Config, progress: bool = True, warn: bool = True) -> PreparedData:
+    """The samples for training: from the cache when config, data and tokenizer are unchanged.
+    warn: print the report's warnings on stderr (preprocess prints the whole report instead)."""
     from magistune.data.cache import cache_key, load_cached, save_cached
 
     key = cache_key(cfg, resolve_tokenizer_file(cfg))
-    cached = load_cached(cfg.prepared_dir, key)
-    if cached is not None:
-        if cached.report.rejected:
-            _apply_bad_record_policy(cfg, cached.report)
-        return cached
-    check_writable_dir(cfg.prepared_dir, prepared_dir_key(cfg))  # before minutes of tokenising, not after
-    data = build_data(cfg, progress)
-    save_cached(cfg.prepared_dir, key, data)
+    data = load_cached(cfg.prepared_dir, key)
+    if data is not None:
+        if data.report.rejected:
+            _apply_bad_record_policy(cfg, data.report)
+    else:
+        check_writable_dir(cfg.prepared_dir, prepared_dir_key(cfg))  # before minutes of tokenising, not after
+        data = build_data(cfg, progress)
+        save_cached(cfg.prepared_dir, key, data)
+    if warn:
+        print_warnings(data.report)
     return data
 
 
@@ -268,7 +285,7 @@ def validate_data(cfg: Config) -> int:
 
 def preprocess(cfg: Config, dump: str | None = None) -> int:
     try:
-        data = prepare_data(cfg)
+        data = prepare_data(cfg, warn=False)
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
