@@ -300,3 +300,15 @@ def test_outside_paths_from_the_config(outside_layout, capsys):
     for allowed in (True, ["out"]):  # a list is relative to the config's folder
         cfg = parse_config({**raw, "allow_image_paths_outside_dataset": allowed}, config_dir=root)[0]
         assert validate_data(cfg) == 0
+
+
+def test_truncated_images_bin_is_rebuilt(tmp_path, capsys):
+    _png(tmp_path / "0.png", (60, 40))
+    cfg = _vision_config(tmp_path, [_image_record(["0.png"])] * 2)
+    first = prepare_data(cfg, progress=False)
+    entry = next(p for p in cfg.prepared_dir.iterdir() if p.is_dir())
+    blob = entry / "images.bin"
+    blob.write_bytes(blob.read_bytes()[:-10])
+    again = prepare_data(cfg, progress=False)
+    assert not again.from_cache and "images.bin has" in capsys.readouterr().err
+    assert [bytes(b) for s in again.train for b in s.images] == [bytes(b) for s in first.train for b in s.images]
