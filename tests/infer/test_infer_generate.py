@@ -99,3 +99,10 @@ def test_output_may_not_be_the_input(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-random", "--input", str(src), "--output", str(tmp_path / "sub")]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert src.read_bytes() == before
+
+
+def test_utf16_input_refused_before_loading(tmp_path, capsys):
+    src = tmp_path / "p.jsonl"
+    src.write_bytes((json.dumps(GOOD) + "\n").encode("utf-16"))
+    assert main(["generate", "--model", str(tmp_path / "none"), "--input", str(src), "--output", str(tmp_path / "o")]) == 2
+    assert "the file is UTF-16" in capsys.readouterr().err

@@ -64,7 +64,10 @@ def config_system_prompt(cfg: Config) -> str | None:
         path = cfg.resolve(cfg.system_prompt_file)
         if not path.is_file():
             raise ConfigError(f"system_prompt_file: {path} not found")
-        return path.read_text(encoding="utf-8").strip()
+        try:  # utf-8-sig: a byte-order mark from a Windows editor is not part of the prompt
+            return path.read_bytes().decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"system_prompt_file: {path}: not valid UTF-8 (byte {e.start + 1}); save it as UTF-8") from None
     return cfg.system_prompt
 
 

@@ -83,6 +83,9 @@ def check_paths(input_path: Path, output_path: Path) -> str | None:
     overwrite the input (the same file by another name or a link included)."""
     if not input_path.is_file():
         return f"--input: {input_path}: file not found"
+    with open(input_path, "rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            return f"--input: {input_path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
     if output_path.is_dir():
         return f"--output: {output_path} is a folder; give a file name"
     if output_path.resolve() == input_path.resolve() or (output_path.exists() and output_path.samefile(input_path)):
