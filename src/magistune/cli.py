@@ -36,7 +36,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if cfg.on_bad_record == "skip":
         check_writable_dir(cfg.out_dir, "output_dir")
     if args.dump and (Path(args.dump).is_dir() or not Path(args.dump).parent.is_dir()):
-        raise ConfigError(f"--dump: {args.dump}: {'is a folder' if Path(args.dump).is_dir() else 'its folder does not exist'}")
+        why = "is a folder" if Path(args.dump).is_dir() else "its folder does not exist"
+        raise ConfigError(f"--dump: {args.dump}: {why}")
     return preprocess(cfg, dump=args.dump)
 
 

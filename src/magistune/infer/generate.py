@@ -13,9 +13,9 @@ Output: one line per non-blank input line, in input order, with the input object
 
 An input field with one of these names is kept as "input_<name>". A bad line (not UTF-8, not JSON, not a
 conversation, rejected by mistral-common, too long for the context) becomes `{"error": "...", "source":
-"file:line", ...its own fields}` in the output, at its place, and is printed to stderr as `file:line: reason: message`; every other
-line still runs. The exit code is 1 when any line failed, 0 otherwise. A UTF-8 byte-order mark is accepted;
---output may not be the --input file.
+"file:line", ...its own fields}` in the output, at its place, and is printed to stderr as
+`file:line: reason: message`; every other line still runs. The exit code is 1 when any line failed, 0 otherwise.
+A UTF-8 byte-order mark is accepted; --output may not be the --input file.
 """
 
 from __future__ import annotations
