@@ -143,3 +143,58 @@ def test_command_line_smoke(tmp_path, write_jsonl, write_config):
     assert "records: 5\nvalid: 3\nrejected: 2\n" in run.stdout
     assert "data.jsonl:2: bad_weight" in run.stdout
     assert "Traceback" not in run.stderr
+
+
+# --- the folders preprocess writes; empty datasets -------------------------------------------------------------
+
+def test_preprocess_output_dir_is_a_file(tmp_path, write_jsonl, write_config, capsys):
+    write_jsonl(tmp_path / "data.jsonl", GOOD)
+    (tmp_path / "out").write_text("not a folder", encoding="utf-8")
+    assert main(["preprocess", str(write_config())]) == 2
+    err = capsys.readouterr().err
+    assert f"error: output_dir: {tmp_path / 'out'} is a file, not a folder" in err and "Traceback" not in err
+    assert (tmp_path / "out").read_text(encoding="utf-8") == "not a folder"  # untouched
+
+
+def test_preprocess_dataset_prepared_path_is_a_file(tmp_path, write_jsonl, write_config, capsys):
+    from magistune.config import ConfigError, load_config
+    from magistune.data.build import prepare_data
+
+    write_jsonl(tmp_path / "data.jsonl", GOOD)
+    (tmp_path / "cache").write_text("x", encoding="utf-8")
+    config = write_config(dataset_prepared_path="cache/prepared")
+    assert main(["preprocess", str(config)]) == 2
+    assert f"error: dataset_prepared_path: {tmp_path / 'cache'} is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="dataset_prepared_path: .* is a file"):  # what train's data step meets
+        prepare_data(load_config(config)[0], progress=False)
+
+
+def test_preprocess_output_dir_not_writable(tmp_path, write_jsonl, write_config, capsys):
+    write_jsonl(tmp_path / "data.jsonl", GOOD)
+    # /proc refuses new folders even to root; a chmod-ed folder does too for anyone else
+    assert main(["preprocess", str(write_config(output_dir="/proc/magistune-test/out"))]) == 2
+    err = capsys.readouterr().err
+    assert "error: output_dir: /proc/magistune-test/out/prepared is not writable" in err and "Traceback" not in err
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        assert main(["preprocess", str(write_config(output_dir="ro"))]) == 2
+        assert f"error: output_dir: {tmp_path / 'ro' / 'prepared'} is not writable" in capsys.readouterr().err
+
+
+def test_preprocess_dump_path_checked_first(tmp_path, write_jsonl, write_config, capsys):
+    write_jsonl(tmp_path / "data.jsonl", GOOD)
+    assert main(["preprocess", str(write_config()), "--dump", str(tmp_path / "nowhere" / "d.jsonl")]) == 2
+    captured = capsys.readouterr()
+    assert "error: --dump: " in captured.err and "its folder does not exist" in captured.err
+    assert "tokenising" not in captured.err  # refused before any work
+
+
+@pytest.mark.parametrize("name,content", [("data.jsonl", ""), ("data.jsonl", "\n  \n\n"), ("data.json", "[]")])
+def test_empty_dataset_is_an_error(tmp_path, write_jsonl, write_config, capsys, name, content):
+    write_jsonl(tmp_path / "other.jsonl", GOOD)
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    config = write_config(datasets=[{"path": "other.jsonl"}, {"path": name}])
+    assert main(["validate-data", str(config)]) == 2
+    assert f"error: {name}: the dataset has no records" in capsys.readouterr().err
+    assert main(["preprocess", str(config)]) == 1
+    assert f"error: {name}: the dataset has no records" in capsys.readouterr().err

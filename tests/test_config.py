@@ -295,6 +295,11 @@ def test_activation_offloading_turns_checkpointing_on(tmp_path):
     ("excess_length_strategy: wrap", "excess_length_strategy"),
     ("val_set_size: -0.1", "val_set_size"),
     ("micro_batch_size: two", "micro_batch_size"),
+    ("max_grad_norm: -1", "max_grad_norm"),
+    ("max_grad_norm: 0", "max_grad_norm"),
+    ("max_image_pixels: 0", "max_image_pixels"),
+    ("max_image_pixels: 200000000", "max_image_pixels"),
+    ("allow_image_paths_outside_dataset: /data/images", "allow_image_paths_outside_dataset"),
 ])
 def test_bad_values_name_the_key(tmp_path, line, key):
     msg = _error(tmp_path, f"base_model: tiny-random\ndatasets: [{{path: data.jsonl}}]\n{line}\n")
@@ -365,3 +370,18 @@ def test_every_config_key_is_documented():
     keys = [k for k in Config.model_fields if k != "config_dir"] + list(DatasetConfig.model_fields)
     missing = [k for k in keys if f"`{k}`" not in doc]
     assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_max_grad_norm_off_is_null(tmp_path):
+    msg = _error(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\nmax_grad_norm: -1\n")
+    assert "max_grad_norm: Value error, must be > 0, got -1; null turns gradient clipping off" in msg
+    cfg, _ = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\nmax_grad_norm: null\n")
+    assert cfg.max_grad_norm is None
+
+
+def test_image_path_keys(tmp_path):
+    cfg, _ = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\n")
+    assert cfg.max_image_pixels == 50_000_000 and cfg.allow_image_paths_outside_dataset is False
+    cfg, _ = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\n"
+                             "allow_image_paths_outside_dataset: [../images, /srv/pictures]\n")
+    assert cfg.allow_image_paths_outside_dataset == ["../images", "/srv/pictures"]

@@ -24,9 +24,21 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from magistune.data.build import preprocess
+    from pathlib import Path
 
-    return preprocess(_load(args.config), dump=args.dump)
+    from magistune.data.build import prepared_dir_key, preprocess
+    from magistune.paths import check_writable_dir
+
+    cfg = _load(args.config)
+    # The folders preprocess writes, checked first (the same check as train's output_dir): the cache, and
+    # output_dir for rejects.jsonl when bad records are skipped.
+    check_writable_dir(cfg.prepared_dir, prepared_dir_key(cfg))
+    if cfg.on_bad_record == "skip":
+        check_writable_dir(cfg.out_dir, "output_dir")
+    if args.dump and (Path(args.dump).is_dir() or not Path(args.dump).parent.is_dir()):
+        why = "is a folder" if Path(args.dump).is_dir() else "its folder does not exist"
+        raise ConfigError(f"--dump: {args.dump}: {why}")
+    return preprocess(cfg, dump=args.dump)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -128,14 +140,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from magistune.infer.generate import run_generate
+    from magistune.infer.generate import check_paths, run_generate
     from magistune.infer.loading import load_for_inference
     from magistune.model.load import pick_device
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
-    if not Path(args.input).is_file():
-        raise ConfigError(f"--input: {args.input}: file not found")
+    problem = check_paths(Path(args.input), Path(args.output))
+    if problem:  # before the model loads
+        raise ConfigError(problem)
     source = _source(args)
     opts, system = _sampling(args), _system_prompt(args, source)
     _say_loading(source)

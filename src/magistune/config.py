@@ -66,6 +66,8 @@ class Config(_Strict):
     on_bad_record: Literal["error", "skip"] = "error"
     allow_image_urls: bool = False  # fetch http(s) image URLs (with image_fetch_timeout seconds)
     image_fetch_timeout: float = Field(default=10.0, gt=0)
+    max_image_pixels: int = Field(default=50_000_000, ge=1, le=178_956_970)  # width × height, checked before decoding
+    allow_image_paths_outside_dataset: bool | list[str] = False  # true, or folders allowed besides the dataset's
     max_images_per_sample: int | None = Field(default=None, ge=1)
     max_image_tokens_per_sample: int | None = Field(default=None, ge=1)
     sample_packing: bool = False
@@ -136,6 +138,20 @@ class Config(_Strict):
 
     # Where the config file lives; relative paths resolve against it. Not a YAML key.
     config_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip_positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:  # -1 / 0 "meaning off" hides a typo; off is spelled null
+            raise ValueError(f"must be > 0, got {v:g}; null turns gradient clipping off")
+        return v
+
+    @field_validator("allow_image_paths_outside_dataset", mode="before")
+    @classmethod
+    def _bool_or_folders(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            return v
+        raise ValueError(f"must be true, false or a list of folders (e.g. [images]), got {v!r}")
 
     @field_validator("lora_target_modules")
     @classmethod

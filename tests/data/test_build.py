@@ -362,3 +362,25 @@ def test_nothing_left_to_train(tmp_path, write_jsonl, write_config):
     write_jsonl(tmp_path / "data.jsonl", [LONG_PROMPT])
     with pytest.raises(DataError, match="no sample is left to train on"):
         build(write_config, [{"path": "data.jsonl"}], sequence_len=32)
+
+
+@pytest.mark.parametrize("val,warns", [(0.6, True), (5, False), (6, True), (0.5, False)])
+def test_val_set_size_leaving_fewer_train_than_eval_warns(tmp_path, write_jsonl, write_config, val, warns):
+    write_jsonl(tmp_path / "data.jsonl", TEN)
+    data = build(write_config, [{"path": "data.jsonl"}], val_set_size=val)
+    got = [(w.source, w.reason) for w in data.report.warnings]
+    assert got == ([("val_set_size", "small_train_split")] if warns else [])
+    if warns:
+        n_eval = len(data.eval)
+        assert f"val_set_size {val:g} leaves {10 - n_eval} train and {n_eval} eval sample(s)" in data.report.warnings[0].message
+        assert "warnings: 1\n  small_train_split: 1" in format_report(data.report, 512)
+
+
+def test_system_prompt_file_bom_and_invalid_utf8(tmp_path, write_jsonl, write_config, tiny_tok):
+    write_jsonl(tmp_path / "data.jsonl", SYS_RECORDS)
+    (tmp_path / "prompt.txt").write_bytes(b"\xef\xbb\xbfBe brief.\n")  # what Notepad writes
+    data = build(write_config, [{"path": "data.jsonl"}], system_prompt_file="prompt.txt")
+    _check_system_prompt(tiny_tok, data, "Be brief.")
+    (tmp_path / "prompt.txt").write_bytes(b"Be br\xefef.\n")
+    with pytest.raises(ConfigError, match=r"system_prompt_file: .*prompt.txt: not valid UTF-8 \(byte 6\)"):
+        build(write_config, [{"path": "data.jsonl"}], system_prompt_file="prompt.txt")

@@ -166,3 +166,41 @@ def test_half_written_entry_is_not_used(setup):
     (cfg.prepared_dir / entry / "tokens.npz").unlink()  # as if a crash had happened before the rename
     again = prepare_data(setup(), progress=False)
     assert not again.from_cache and _snapshot(again) == _snapshot(first)
+
+
+@pytest.mark.parametrize("damage", [
+    ("samples.json", b"{not json"),
+    ("samples.json", b'{"key": null}'),  # written by something else: not this entry
+    ("samples.json", "DROP_KEY"),
+    ("tokens.npz", b"PK\x03\x04 this is no zip"),
+    ("tokens.npz", "TRUNCATE"),
+    ("tokens.npz", "OFFSETS"),
+], ids=["json", "other_key", "missing_field", "npz_garbage", "npz_truncated", "npz_disagrees"])
+def test_damaged_entry_is_rebuilt_with_a_note(setup, capsys, damage):
+    import numpy as np
+
+    cfg = setup()
+    first = prepare_data(cfg, progress=False)
+    (entry,) = _entries(cfg)
+    name, content = damage
+    path = cfg.prepared_dir / entry / name
+    if content == "TRUNCATE":
+        content = path.read_bytes()[:200]
+    elif content == "DROP_KEY":
+        meta = json.loads(path.read_text())
+        del meta["n_train"]
+        content = json.dumps(meta).encode()
+    elif content == "OFFSETS":
+        with np.load(path) as a:
+            arrays = dict(a)
+        arrays["offsets"] = arrays["offsets"][:-1]
+        np.savez(path, **arrays)
+        content = path.read_bytes()
+    path.write_bytes(content)
+    capsys.readouterr()
+    again = prepare_data(setup(), progress=False)
+    assert not again.from_cache and _snapshot(again) == _snapshot(first)
+    err = capsys.readouterr().err
+    if damage[1] != b'{"key": null}':
+        assert f"note: the data cache {cfg.prepared_dir / entry} is damaged" in err and "rebuilding it" in err
+    assert prepare_data(setup(), progress=False).from_cache  # the rebuilt entry replaced the damaged one

@@ -204,3 +204,111 @@ def test_report_states_bytes_per_image(tmp_path, capsys):
     size = (tmp_path / "0.png").stat().st_size
     assert f"images: 2 in kept samples" in (out := capsys.readouterr().out)
     assert f"{size / 1024:,.1f} KiB per image" in out
+
+
+# --- the pixel cap, and paths outside the dataset's folder ------------------------------------------------------
+
+def _png_header_only(width, height):
+    """A PNG whose header declares width × height pixels (RGB), with a tiny image-data chunk: what a small
+    decompression bomb looks like to Image.open."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _one_image_record(part):
+    return {"messages": [{"role": "user", "content": [{"type": "text", "text": "see"}, part]},
+                         {"role": "assistant", "content": "ok"}]}
+
+
+def test_pixel_cap_checked_on_the_header_before_decoding(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(13000, 13000))
+    with pytest.raises(RecordError) as e:
+        parse_record(_one_image_record({"type": "image", "path": "bomb.png"}), _opts(tmp_path))
+    assert e.value.reason == "image_too_large"
+    assert "13000×13000 = 169.0 megapixels, over max_image_pixels 50,000,000" in e.value.message
+    assert e.value.message.startswith("messages[0].content[1]: ")
+
+
+def test_pixel_cap_from_the_config(tmp_path, capsys):
+    _png(tmp_path / "a.png", (100, 80))
+    cfg = _vision_config(tmp_path, [_image_record(["a.png"])] * 2, max_image_pixels=7999)
+    assert validate_data(cfg) == 1
+    out = capsys.readouterr().out
+    assert "image_too_large: 2" in out and "100×80 = 0.0 megapixels, over max_image_pixels 7,999" in out
+    assert validate_data(_vision_config(tmp_path, [_image_record(["a.png"])], max_image_pixels=8000)) == 0
+
+
+@pytest.fixture
+def outside_layout(tmp_path):
+    """ds/ holds the dataset and ds/img/in.png; out/ (beside it) holds out.png; ds/link.png → out/out.png."""
+    (tmp_path / "ds" / "img").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    _png(tmp_path / "ds" / "img" / "in.png", (20, 20))
+    _png(tmp_path / "out" / "out.png", (20, 20))
+    (tmp_path / "ds" / "link.png").symlink_to(tmp_path / "out" / "out.png")
+    (tmp_path / "out" / "notes.txt").write_text("secret", encoding="utf-8")
+    return tmp_path
+
+
+def _reason(path, opts):
+    try:
+        parse_record(_one_image_record({"type": "image", "path": path}), RecordOptions(supports_images=True, images=opts))
+    except RecordError as e:
+        return e.reason, e.message
+    return None, None
+
+
+def test_image_paths_outside_the_dataset_folder(outside_layout):
+    root = outside_layout
+    opts = ImageOptions(base_dir=root / "ds")
+    assert _reason("img/in.png", opts) == (None, None)
+    assert _reason(str(root / "ds" / "img" / "in.png"), opts) == (None, None)
+    for path in ("../out/out.png", str(root / "out" / "out.png"), "link.png", "img/../../out/out.png",
+                 "../out/missing.png", "../out/notes.txt"):
+        reason, message = _reason(path, opts)
+        assert reason == "image_outside_dataset", (path, reason, message)
+        assert "allow_image_paths_outside_dataset" in message
+    for url in (f"file://{root}/out/out.png", "../out/out.png"):
+        record = _one_image_record({"type": "image_url", "image_url": {"url": url}})
+        with pytest.raises(RecordError, match="outside the dataset folder"):
+            parse_record(record, RecordOptions(supports_images=True, images=opts))
+    # what exists outside cannot be told from what does not: the same message but for the path as written
+    exists, missing = _reason("../out/out.png", opts)[1], _reason("../out/nope.png", opts)[1]
+    assert exists.replace("out.png", "X") == missing.replace("nope.png", "X")
+    # allowed: everything, or listed folders
+    anywhere = ImageOptions(base_dir=root / "ds", allow_outside=True)
+    assert _reason("../out/out.png", anywhere) == (None, None) and _reason("link.png", anywhere) == (None, None)
+    assert _reason("../out/missing.png", anywhere)[0] == "image_missing"
+    listed = ImageOptions(base_dir=root / "ds", extra_roots=(root / "out",))
+    assert _reason("../out/out.png", listed) == (None, None)
+    assert _reason("../elsewhere.png", listed)[0] == "image_outside_dataset"
+
+
+def test_outside_paths_from_the_config(outside_layout, capsys):
+    root = outside_layout
+    record = _image_record(["../out/out.png"])
+    (root / "ds" / "data.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    raw = {"base_model": "tiny-random-vision", "datasets": [{"path": "ds/data.jsonl"}], "output_dir": str(root / "o")}
+    assert validate_data(parse_config(raw, config_dir=root)[0]) == 1
+    assert "ds/data.jsonl:1: image_outside_dataset" in capsys.readouterr().out
+    for allowed in (True, ["out"]):  # a list is relative to the config's folder
+        cfg = parse_config({**raw, "allow_image_paths_outside_dataset": allowed}, config_dir=root)[0]
+        assert validate_data(cfg) == 0
+
+
+def test_truncated_images_bin_is_rebuilt(tmp_path, capsys):
+    _png(tmp_path / "0.png", (60, 40))
+    cfg = _vision_config(tmp_path, [_image_record(["0.png"])] * 2)
+    first = prepare_data(cfg, progress=False)
+    entry = next(p for p in cfg.prepared_dir.iterdir() if p.is_dir())
+    blob = entry / "images.bin"
+    blob.write_bytes(blob.read_bytes()[:-10])
+    again = prepare_data(cfg, progress=False)
+    assert not again.from_cache and "images.bin has" in capsys.readouterr().err
+    assert [bytes(b) for s in again.train for b in s.images] == [bytes(b) for s in first.train for b in s.images]

@@ -259,3 +259,37 @@ def test_unknown_message_key_is_an_error_not_a_silent_drop():
     with _pytest.raises(RecordError) as e:
         parse_record(record, RecordOptions())
     assert e.value.reason == "unknown_key" and "reasoning_contnt" in e.value.message
+
+
+# --- warnings: kept, counted, listed with file:line -----------------------------------------------------------
+
+def test_tool_call_to_an_undeclared_function_warns():
+    declared = parse_record(dict(tool_conv(call(), TOOL_RESULT), tools=TOOLS), RecordOptions())
+    assert declared.warnings == []
+    other = parse_record(dict(tool_conv(call(name="get_time"), TOOL_RESULT), tools=TOOLS), RecordOptions())
+    assert other.warnings == [("undeclared_tool", "messages[1].tool_calls[0] calls 'get_time', which 'tools' does "
+                                                  "not declare (declared: get_weather)")]
+    none = parse_record(tool_conv(call(), TOOL_RESULT), RecordOptions())
+    assert none.warnings == [("undeclared_tool", "messages[1].tool_calls[0] calls 'get_weather', which 'tools' does "
+                                                 "not declare (the record declares no tools)")]
+
+
+def test_undeclared_tool_warnings_are_counted_in_the_report(tmp_path, write_jsonl, write_config, capsys):
+    from magistune.data.build import prepare_data
+    from magistune.data.report import format_report
+
+    write_jsonl(tmp_path / "data.jsonl", [GOOD, dict(tool_conv(call(name="get_time"), TOOL_RESULT), tools=TOOLS),
+                                          dict(tool_conv(call(), TOOL_RESULT), tools=TOOLS), tool_conv(call(), TOOL_RESULT)])
+    cfg = load_config(write_config())[0]
+    data = prepare_data(cfg, progress=False)
+    assert data.report.kept == 4 and not data.report.rejected  # a warning, not an error
+    assert [(w.source, w.reason) for w in data.report.warnings] == [("data.jsonl:2", "undeclared_tool"),
+                                                                     ("data.jsonl:4", "undeclared_tool")]
+    report = format_report(data.report, cfg.sequence_len)
+    assert "warnings: 2\n  undeclared_tool: 2\n    data.jsonl:2: undeclared_tool: messages[1].tool_calls[0] calls " \
+           "'get_time'" in report
+    err = capsys.readouterr().err  # train prints no report: prepare_data says it on stderr
+    assert "warning: 2 data warning(s) (undeclared_tool: 2); the samples are kept" in err and "data.jsonl:4: undeclared_tool" in err
+    again = prepare_data(load_config(write_config())[0], progress=False)
+    assert again.from_cache and [w.source for w in again.report.warnings] == ["data.jsonl:2", "data.jsonl:4"]
+    assert "data.jsonl:4: undeclared_tool" in capsys.readouterr().err

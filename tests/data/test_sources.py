@@ -172,3 +172,79 @@ def test_unsupported_extension(tmp_path, write_config, name):
     (tmp_path / name).write_text("messages\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"{name}: unsupported file type '\.{name.split('.')[1]}'"):
         prepare_data(_cfg(write_config, name), progress=False)
+
+
+# --- text that is not UTF-8, byte-order marks ----------------------------------------------------------------
+
+def _raw_lines(*lines: bytes) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+def test_jsonl_invalid_utf8_is_one_bad_record(tmp_path, write_config):
+    good = [json.dumps(r).encode() for r in RECORDS]
+    bad = b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "ok"}]}'
+    (tmp_path / "data.jsonl").write_bytes(_raw_lines(good[0], bad, good[1], good[2]))
+    samples, rep = _encode(write_config, "data.jsonl")
+    assert [s.source for s in samples] == ["data.jsonl:1", "data.jsonl:3", "data.jsonl:4"]
+    assert [(r.source, r.reason) for r in rep.rejected] == [("data.jsonl:2", "invalid_utf8")]
+    assert "byte 0xe9" in rep.rejected[0].message and rep.records == 4
+    # on_bad_record: error lists it like any bad record; skip counts it
+    with pytest.raises(DataError, match=r"data.jsonl:2: invalid_utf8: not valid UTF-8"):
+        prepare_data(_cfg(write_config, "data.jsonl"), progress=False)
+    cfg = load_config(write_config(datasets=[{"path": "data.jsonl"}], on_bad_record="skip"))[0]
+    assert len(prepare_data(cfg, progress=False).train) == 3
+
+
+def test_lone_surrogate_escape_is_a_bad_record(tmp_path, write_jsonl, write_config):
+    write_jsonl(tmp_path / "data.jsonl", [RECORDS[0], '{"messages": [{"role": "user", "content": "a\\ud800"}, '
+                                                       '{"role": "assistant", "content": "ok"}]}'])
+    _, rep = _encode(write_config, "data.jsonl")
+    assert [(r.source, r.reason) for r in rep.rejected] == [("data.jsonl:2", "invalid_utf8")]
+    assert "messages[0].content: a lone surrogate \\ud800" in rep.rejected[0].message
+
+
+def test_utf8_bom_is_accepted(tmp_path, write_config):
+    body = _raw_lines(*(json.dumps(r).encode() for r in RECORDS))
+    (tmp_path / "data.jsonl").write_bytes(b"\xef\xbb\xbf" + body)
+    samples, rep = _encode(write_config, "data.jsonl")
+    assert not rep.rejected and len(samples) == 3
+    (tmp_path / "data.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS).encode())
+    samples, rep = _encode(write_config, "data.json")
+    assert not rep.rejected and len(samples) == 3
+
+
+def test_utf16_file_is_refused_whole(tmp_path, write_config):
+    text = json.dumps(RECORDS[0]) + "\n"
+    (tmp_path / "data.jsonl").write_bytes(text.encode("utf-16"))
+    with pytest.raises(DataError, match=r"data.jsonl: the file is UTF-16 .*save it as UTF-8"):
+        _encode(write_config, "data.jsonl")
+
+
+def test_json_list_invalid_utf8_is_one_bad_row(tmp_path, write_config):
+    text = json.dumps([RECORDS[0], conv("caf@", "ok"), RECORDS[1]], ensure_ascii=False, indent=1).encode()
+    (tmp_path / "data.json").write_bytes(text.replace(b"caf@", b"caf\xe9"))
+    samples, rep = _encode(write_config, "data.json")
+    assert [s.source for s in samples] == ["data.json:row 0", "data.json:row 2"]
+    assert [(r.source, r.reason) for r in rep.rejected] == [("data.json:row 1", "invalid_utf8")]
+    assert rep.rejected[0].message.startswith("messages[0].content: not valid UTF-8 (byte 0xe9")
+
+
+def _invalid_utf8_table():
+    import pyarrow as pa
+
+    rows = [json.dumps(conv("a", "b")["messages"]).encode(), b"caf\xe9", json.dumps(conv("c", "d")["messages"]).encode()]
+    return pa.table({"text": pa.array(rows, type=pa.binary()).view(pa.string())})  # view: no UTF-8 check
+
+
+def test_parquet_and_saved_dataset_invalid_utf8_row(tmp_path, write_config):
+    import datasets
+    import pyarrow.parquet as pq
+
+    table = _invalid_utf8_table()
+    pq.write_table(table, tmp_path / "data.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    for path in ("data.parquet", "saved"):
+        _, rep = _encode(write_config, path, field_messages="text")
+        # rows 0 and 2 are read (and rejected: their messages are a string), row 1 is not UTF-8
+        assert [(r.source, r.reason) for r in rep.rejected] == [
+            (f"{path}:row 0", "wrong_type"), (f"{path}:row 1", "invalid_utf8"), (f"{path}:row 2", "wrong_type")]

@@ -69,3 +69,40 @@ def test_missing_paths_fail_before_loading(tmp_path, capsys):
                    "output_dir: empty\n", encoding="utf-8")
     assert main(["generate", str(cfg), "--input", str(src), "--output", "x"]) == 2
     assert "holds no trained model" in capsys.readouterr().err
+
+
+def test_invalid_utf8_line_is_one_bad_row_and_bom_is_fine(scripted_dir, tmp_path, capsys):
+    src = tmp_path / "prompts.jsonl"
+    good = json.dumps({"id": 1, **GOOD}).encode()
+    bad = b'{"id": 2, "messages": [{"role": "user", "content": "caf\xe9"}]}'
+    src.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + bad + b"\n" + json.dumps({"id": 3, **GOOD}).encode() + b"\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(scripted_dir), "--input", str(src), "--output", str(out),
+                 "--temperature", "0"]) == 1
+    rows = read_rows(out)
+    assert [r.get("id") for r in rows] == [1, None, 3]  # the BOM line ran
+    assert rows[0]["answer"] == ANSWER_TEXT and rows[2]["answer"] == ANSWER_TEXT
+    assert rows[1]["source"] == f"{src}:2" and rows[1]["error"].startswith("invalid_utf8: not valid UTF-8")
+    assert f"{src}:2: invalid_utf8" in capsys.readouterr().err
+
+
+def test_output_may_not_be_the_input(tmp_path, capsys):
+    src = write_rows(tmp_path / "p.jsonl", [GOOD])
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    for output in (str(src), str(tmp_path / "sub" / ".." / "p.jsonl")):
+        assert main(["generate", "--model", "tiny-random", "--input", str(src), "--output", output]) == 2
+        assert "is the --input file" in capsys.readouterr().err
+    (tmp_path / "link.jsonl").symlink_to(src)
+    assert main(["generate", "--model", "tiny-random", "--input", str(src), "--output", str(tmp_path / "link.jsonl")]) == 2
+    assert "is the --input file" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-random", "--input", str(src), "--output", str(tmp_path / "sub")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert src.read_bytes() == before
+
+
+def test_utf16_input_refused_before_loading(tmp_path, capsys):
+    src = tmp_path / "p.jsonl"
+    src.write_bytes((json.dumps(GOOD) + "\n").encode("utf-16"))
+    assert main(["generate", "--model", str(tmp_path / "none"), "--input", str(src), "--output", str(tmp_path / "o")]) == 2
+    assert "the file is UTF-16" in capsys.readouterr().err

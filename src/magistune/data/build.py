@@ -20,9 +20,10 @@ from magistune.data.encode import ConversationEncoder, LabelOptions
 from magistune.data.errors import DataError, RecordError
 from magistune.data.images import ImageOptions, local_file_stamp
 from magistune.data.records import RecordOptions, parse_record
-from magistune.data.report import DataReport, Rejected, format_report
+from magistune.data.report import DataReport, Rejected, format_report, format_warnings
 from magistune.data.sample import PreparedData, Sample
 from magistune.data.sources import BadLine, SourceError, iter_records, open_source, system_prompt_for
+from magistune.paths import check_writable_dir
 from magistune.tokenizer import (TINY_NAMES, SpecialIds, TokenizerError, find_tokenizer_file, load_tokenizer,
                                  tiny_tokenizer_path)
 
@@ -56,10 +57,11 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
         opts = RecordOptions(
             ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on,
             supports_images=encoder.instruct.image_encoder is not None,
-            images=ImageOptions(base_dir or cfg.config_dir, cfg.allow_image_urls, cfg.image_fetch_timeout),
+            images=image_options(cfg, base_dir or cfg.config_dir),
         )
         records = iter_records(src)
         samples: list[Sample] = []
+        records_before = rep.records
         for where, record in tqdm(records, desc=f"tokenising {ds.path}", unit=" rec", disable=not progress, file=sys.stderr):
             rep.records += 1
             if isinstance(record, BadLine):
@@ -77,6 +79,7 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
                 rep.rejected.append(Rejected(where, e.reason, e.message, record))
                 continue
             rep.valid += 1
+            rep.warnings += [Rejected(where, reason, message) for reason, message in conv.warnings]
             rep.lengths.append(len(ids))
             image_files.update(conv.image_origins)
             if over_cap:
@@ -94,7 +97,17 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
             samples.append(Sample(ids, labels, where, images))
     except SourceError as e:
         raise DataError(str(e)) from None
+    if rep.records == records_before:  # an empty file is a mistake (a failed export), not a dataset
+        raise DataError(f"{ds.path}: the dataset has no records (resolved to {src.path or ds.path}); "
+                        "fill it or remove it from datasets")
     return _cap_and_mix(samples, ds, cfg.seed)
+
+
+def image_options(cfg: Config, base_dir: Path) -> ImageOptions:
+    outside = cfg.allow_image_paths_outside_dataset
+    roots = tuple(cfg.resolve(r) for r in outside) if isinstance(outside, list) else ()
+    return ImageOptions(base_dir, cfg.allow_image_urls, cfg.image_fetch_timeout, cfg.max_image_pixels,
+                        allow_outside=outside is True, extra_roots=roots)  # type: ignore[arg-type]
 
 
 def image_cap_violation(ids: list[int], images: list, special: SpecialIds, cfg: Config) -> str | None:
@@ -168,7 +181,20 @@ def _split_and_count(samples: list[Sample], cfg: Config, rep: DataReport) -> tup
     rep.tokens_trained = sum(s.n_trained for s in samples)
     rep.images = sum(len(s.images) for s in samples)
     rep.image_bytes = sum(len(img) for s in samples for img in s.images)
+    if len(train) < len(eval_):
+        rep.warnings.append(Rejected("val_set_size", "small_train_split", (
+            f"val_set_size {cfg.val_set_size:g} leaves {len(train)} train and {len(eval_)} eval sample(s): fewer to "
+            "train on than to evaluate (below 1 it is a share of the samples, from 1 on a number of samples)")))
     return train, eval_
+
+
+def print_warnings(rep: DataReport, max_listed: int = 20) -> None:
+    """The report's warnings on stderr (train and evaluate print no report; validate-data and preprocess do)."""
+    if rep.warnings:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(rep.warning_counts().items()))
+        listed = [line for line in format_warnings(rep, max_listed) if line.startswith("    ")]
+        print(f"warning: {len(rep.warnings)} data warning(s) ({counts}); the samples are kept:\n" + "\n".join(listed),
+              file=sys.stderr)
 
 
 def _apply_bad_record_policy(cfg: Config, rep: DataReport) -> None:
@@ -178,7 +204,7 @@ def _apply_bad_record_policy(cfg: Config, rep: DataReport) -> None:
     if cfg.on_bad_record == "error":
         lines = [f"  {r.source}: {r.reason}: {r.message}" for r in rep.rejected]
         raise DataError(f"{len(rep.rejected)} bad record(s) ({counts}); fix them or set on_bad_record: skip\n" + "\n".join(lines))
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(cfg.out_dir, "output_dir")
     rejects = cfg.out_dir / "rejects.jsonl"
     with open(rejects, "w", encoding="utf-8") as f:
         for r in rep.rejected:
@@ -195,17 +221,26 @@ def build_data(cfg: Config, progress: bool = True) -> PreparedData:
     return PreparedData(train, eval_, tok_file, rep)
 
 
-def prepare_data(cfg: Config, progress: bool = True) -> PreparedData:
-    """The samples for training: from the cache when config, data and tokenizer are unchanged."""
+def prepare_data(cfg: Config, progress: bool = True, warn: bool = True) -> PreparedData:
+    """The samples for training: from the cache when config, data and tokenizer are unchanged.
+    warn: print the report's warnings on stderr (preprocess prints the whole report instead)."""
     key = cache_key(cfg, resolve_tokenizer_file(cfg))
-    cached = load_cached(cfg.prepared_dir, key)
-    if cached is not None:
-        if cached.report.rejected:
-            _apply_bad_record_policy(cfg, cached.report)
-        return cached
-    data = build_data(cfg, progress)
-    save_cached(cfg.prepared_dir, key, data)
+    data = load_cached(cfg.prepared_dir, key)
+    if data is not None:
+        if data.report.rejected:
+            _apply_bad_record_policy(cfg, data.report)
+    else:
+        check_writable_dir(cfg.prepared_dir, prepared_dir_key(cfg))  # before minutes of tokenising, not after
+        data = build_data(cfg, progress)
+        save_cached(cfg.prepared_dir, key, data)
+    if warn:
+        print_warnings(data.report)
     return data
+
+
+def prepared_dir_key(cfg: Config) -> str:
+    """The key that sets where the cache goes (for messages)."""
+    return "dataset_prepared_path" if cfg.dataset_prepared_path else "output_dir"
 
 
 def validate_data(cfg: Config) -> int:
@@ -221,15 +256,19 @@ def validate_data(cfg: Config) -> int:
 
 def preprocess(cfg: Config, dump: str | None = None) -> int:
     try:
-        data = prepare_data(cfg)
+        data = prepare_data(cfg, warn=False)
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_report(data.report, cfg.sequence_len))
     print(f"cache: {cfg.prepared_dir} ({'reused' if data.from_cache else 'written'})")
     if dump:
-        with open(dump, "w", encoding="utf-8") as f:
-            for s in data.train + data.eval:
-                f.write(json.dumps(s.to_json()) + "\n")
+        try:
+            with open(dump, "w", encoding="utf-8") as f:
+                for s in data.train + data.eval:
+                    f.write(json.dumps(s.to_json()) + "\n")
+        except OSError as e:
+            print(f"error: --dump: {dump}: {e.strerror or e}", file=sys.stderr)
+            return 1
         print(f"dumped {len(data.train) + len(data.eval)} samples to {dump}")
     return 0

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,8 @@ from magistune.tokenizer import file_digest
 
 ENCODER_VERSION = 2  # bump when the encoding or labelling logic changes
 _DATA_KEYS = ("datasets", "sequence_len", "excess_length_strategy", "val_set_size", "system_prompt", "seed",
-              "base_model", "tokenizer_path", "allow_image_urls", "max_images_per_sample", "max_image_tokens_per_sample")
+              "base_model", "tokenizer_path", "allow_image_urls", "max_images_per_sample", "max_image_tokens_per_sample",
+              "max_image_pixels", "allow_image_paths_outside_dataset")
 
 
 def cache_key(cfg: Config, tokenizer_file: Path) -> str:
@@ -95,20 +98,35 @@ def _write_entry(tmp: Path, key: str, data: PreparedData) -> None:
 
 
 def load_cached(root: Path, key: str) -> PreparedData | None:
+    """The cached samples, or None when there are none for this key, an image file changed, or the entry is
+    damaged (a note says so; the caller rebuilds it and the rename replaces the damaged one)."""
     entry = _entry(root, key)
     meta_file, tokens_file = entry / "samples.json", entry / "tokens.npz"
     if not (meta_file.is_file() and tokens_file.is_file()):
         return None
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    try:
+        return _read_entry(entry, key)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfile.BadZipFile) as e:
+        print(f"note: the data cache {entry} is damaged ({type(e).__name__}: {e}); rebuilding it", file=sys.stderr)
+        return None
+
+
+def _read_entry(entry: Path, key: str):
+    meta = json.loads((entry / "samples.json").read_text(encoding="utf-8"))
     if meta.get("key") != key:
         return None
-    arrays = np.load(tokens_file)
-    ids, labels, offsets = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
+    with np.load(entry / "tokens.npz", allow_pickle=False) as arrays:  # plain arrays only: no code from the cache
+        ids, labels, offsets = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
+    sources, ranges, n = meta["sources"], meta["image_ranges"], meta["n_train"]
+    if not (len(offsets) == len(sources) + 1 == len(ranges) + 1 and offsets[-1] == len(ids) == len(labels)
+            and 0 <= n <= len(sources)):
+        raise ValueError("the token arrays and samples.json do not agree")
     report = DataReport.from_json(meta["report"])
     if any(local_file_stamp(path) != tuple(stamp) for path, stamp in report.image_stamps.items()):
         return None  # an image file changed since the cache was written
-    blob = np.memmap(entry / "images.bin", dtype=np.uint8, mode="r") if any(meta["image_ranges"]) else None
-    samples = [Sample(ids[a:b], labels[a:b], src, [blob[x:y] for x, y in imgs])
-               for a, b, src, imgs in zip(offsets[:-1], offsets[1:], meta["sources"], meta["image_ranges"])]
-    n = meta["n_train"]
+    blob = np.memmap(entry / "images.bin", dtype=np.uint8, mode="r") if any(ranges) else None
+    if blob is not None and max(y for imgs in ranges for _, y in imgs) > len(blob):
+        raise ValueError(f"images.bin has {len(blob)} bytes, fewer than samples.json refers to")
+    samples = [Sample(ids[a:b], labels[a:b], src, [blob[x:y] for x, y in imgs])  # type: ignore[index]
+               for a, b, src, imgs in zip(offsets[:-1], offsets[1:], sources, ranges)]
     return PreparedData(samples[:n], samples[n:], Path(meta["tokenizer_file"]), report, from_cache=True)

@@ -31,6 +31,7 @@ class Conversation:
     weights: list[int]  # one 0/1 per assistant message, in order
     image_bytes: dict[int, bytes] = field(default_factory=dict)  # id(PIL image in an ImageChunk) → file bytes
     image_origins: list[str] = field(default_factory=list)  # local path, URL or "base64" of each image
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (reason, message): kept, but reported
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,23 @@ def _check_tool_calls(i: int, calls: Any) -> None:
                 raise RecordError("bad_tool_arguments", f"{where}.function.arguments is not valid JSON: {e}") from None
         elif not isinstance(args, dict):
             raise RecordError("bad_tool_arguments", f"{where}.function.arguments must be a JSON string or an object")
+
+
+def undeclared_tool_calls(messages: list[dict], tools: list | None) -> list[tuple[str, str]]:
+    """A warning for each tool call to a function that `tools` does not declare: valid for mistral-common,
+    but the model then learns to call a function it was never shown."""
+    declared = {t["function"].get("name") for t in tools or []
+                if isinstance(t, dict) and isinstance(t.get("function"), dict)}
+    known = f"declared: {', '.join(sorted(map(str, declared)))}" if declared else "the record declares no tools"
+    warnings = []
+    for i, msg in enumerate(messages):
+        calls = msg.get("tool_calls") if msg.get("role") == "assistant" else None  # checked by _check_tool_calls
+        for j, call in enumerate(calls or []):
+            name = call["function"]["name"]
+            if name not in declared:
+                warnings.append(("undeclared_tool", f"messages[{i}].tool_calls[{j}] calls '{name}', which 'tools' "
+                                                    f"does not declare ({known})"))
+    return warnings
 
 
 def _message_weight(i: int, msg: dict) -> int | None:
@@ -197,7 +215,8 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
         if chunks is not None:
             m = request.messages[j]
             request.messages[j] = type(m)(**{f: getattr(m, f) for f in type(m).model_fields if f != "content"}, content=chunks)
-    return Conversation(request=request, weights=weights, image_bytes=image_bytes, image_origins=image_origins)
+    return Conversation(request=request, weights=weights, image_bytes=image_bytes, image_origins=image_origins,
+                        warnings=undeclared_tool_calls(messages, tools))
 
 
 def _image_chunks(i: int, content: Any, opts: RecordOptions, image_bytes: dict[int, bytes],

@@ -24,6 +24,7 @@ class DataReport:
     valid: int = 0
     rejected: list[Rejected] = field(default_factory=list)
     dropped: list[Rejected] = field(default_factory=list)  # valid records dropped by the length policy
+    warnings: list[Rejected] = field(default_factory=list)  # kept, but probably not what was meant
     truncated: int = 0
     tokens_total: int = 0  # over kept samples
     tokens_trained: int = 0
@@ -38,6 +39,9 @@ class DataReport:
     def reject_counts(self) -> Counter:
         return Counter(r.reason for r in self.rejected)
 
+    def warning_counts(self) -> Counter:
+        return Counter(r.reason for r in self.warnings)
+
     def to_json(self) -> dict:
         return {
             "records": self.records, "valid": self.valid, "kept": self.kept, "truncated": self.truncated,
@@ -45,6 +49,7 @@ class DataReport:
             "tokens_total": self.tokens_total, "tokens_trained": self.tokens_trained,
             "rejected": [r.to_json() | {"record": None} for r in self.rejected],
             "dropped": [r.to_json() | {"record": None} for r in self.dropped],
+            "warnings": [r.to_json() | {"record": None} for r in self.warnings],
             "lengths": self.lengths, "image_stamps": self.image_stamps, "images": self.images,
             "image_bytes": self.image_bytes,
         }
@@ -55,6 +60,7 @@ class DataReport:
                                         "tokens_total", "tokens_trained", "lengths")})
         rep.rejected = [Rejected(**r) for r in d["rejected"]]
         rep.dropped = [Rejected(**r) for r in d["dropped"]]
+        rep.warnings = [Rejected(**r) for r in d.get("warnings", [])]
         rep.image_stamps = d.get("image_stamps", {})
         rep.images, rep.image_bytes = d.get("images", 0), d.get("image_bytes", 0)
         return rep
@@ -95,6 +101,8 @@ def format_report(rep: DataReport, sequence_len: int, max_listed: int = 50) -> s
         out.append(f"    {r.source}: {r.reason}: {r.message}")
     if len(rep.rejected) > max_listed:
         out.append(f"    … and {len(rep.rejected) - max_listed} more (all are in the rejects file)")
+    if rep.warnings:
+        out.extend(format_warnings(rep, max_listed))
     out.append(f"dropped for length (> {sequence_len} tokens or nothing trained after truncation): {len(rep.dropped)}")
     for r in rep.dropped[:max_listed]:
         out.append(f"    {r.source}: {r.message}")
@@ -110,3 +118,14 @@ def format_report(rep: DataReport, sequence_len: int, max_listed: int = 50) -> s
     out.append("length histogram (tokens per valid sample):")
     out.extend(histogram(rep.lengths, sequence_len))
     return "\n".join(out)
+
+
+def format_warnings(rep: DataReport, max_listed: int = 50) -> list[str]:
+    """Records that were kept but probably are not what was meant (a tool call to an undeclared function),
+    and a split that leaves fewer train than eval samples: counted per reason and listed with file:line."""
+    out = [f"warnings: {len(rep.warnings)}"]
+    out += [f"  {reason}: {n}" for reason, n in sorted(rep.warning_counts().items())]
+    out += [f"    {r.source}: {r.reason}: {r.message}" for r in rep.warnings[:max_listed]]
+    if len(rep.warnings) > max_listed:
+        out.append(f"    … and {len(rep.warnings) - max_listed} more")
+    return out

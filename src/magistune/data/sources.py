@@ -2,9 +2,10 @@
 Hugging Face dataset name through `datasets.load_dataset` (offline: the local cache only).
 
 Each source yields (location, record) where location is `file:line` (JSON lines) or `file:row N`
-(0-based rows of JSON lists, parquet and datasets). A line that is not valid JSON yields a `BadLine`
-so the caller reports it like any other bad record; nothing is skipped silently. A dataset's system prompt
-(its own, else the config's) is decided here too: the encoder and the cache key both need it.
+(0-based rows of JSON lists, parquet and datasets). A line that is not valid JSON, or a record whose text is
+not valid UTF-8, yields a `BadLine` so the caller reports it like any other bad record; nothing is skipped
+silently. A UTF-8 byte-order mark (what Windows editors write) is accepted; a UTF-16 file is refused whole. A dataset's
+system prompt (its own, else the config's) is decided here too: the encoder and the cache key both need it.
 """
 
 from __future__ import annotations
@@ -59,30 +60,91 @@ def open_source(ds: DatasetConfig, cfg: Config) -> Source:
 def iter_records(src: Source) -> Iterator[tuple[str, Any]]:
     kind = src.kind
     if kind == "jsonl":
-        yield from _iter_jsonl(src)
+        records = _iter_jsonl(src)
     elif kind == "json":
-        yield from _iter_json(src)
+        records = _iter_json(src)
     elif kind == "parquet":
-        yield from _iter_parquet(src)
+        records = _iter_parquet(src)
     else:
-        yield from _iter_datasets(src)
+        records = _iter_datasets(src)
+    for where, record in records:
+        bad = None if isinstance(record, BadLine) else not_text(record)
+        yield where, BadLine("invalid_utf8", bad) if bad else record
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _refuse_utf16(head: bytes, label: str) -> None:
+    if head.startswith(_UTF16_BOMS):
+        raise SourceError(f"{label}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+
+
+def iter_text_lines(path: Path, label: str) -> Iterator[tuple[int, str | BadLine]]:
+    """(line number, text) of every line of a UTF-8 file; a line that is not UTF-8 comes as a BadLine
+    instead of ending the file (a UnicodeDecodeError would). A leading UTF-8 byte-order mark is dropped."""
+    with open(path, "rb") as f:
+        _refuse_utf16(f.read(2), label)
+        f.seek(0)
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, BadLine("invalid_utf8", f"not valid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                                 "of the line (save the file as UTF-8)")
+
+
+def not_text(value: Any, where: str = "") -> str | None:
+    """Where a string of a record holds a surrogate code point, and what it was: a byte that was not UTF-8
+    (decoded with errors="surrogateescape" it becomes U+DC80..U+DCFF) or a lone \\uD800-\\uDFFF escape, which
+    is no character either (the tokenizer would train on garbage). None when every string is text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # fails exactly on surrogates, at C speed
+            return None
+        except UnicodeEncodeError as e:
+            bad = value[e.start]
+        if "\udc80" <= bad <= "\udcff":
+            return f"{where or 'the record'}: not valid UTF-8 (byte 0x{ord(bad) - 0xdc00:02x}; save the file as UTF-8)"
+        return f"{where or 'the record'}: a lone surrogate \\u{ord(bad):04x} is not a character"
+    if isinstance(value, dict):
+        children = [(k, f"{where}.{k}" if where else str(k)) for k in value]
+    elif isinstance(value, list):
+        children = [(i, f"{where}[{i}]") for i in range(len(value))]
+    else:
+        return None
+    for key, path in children:
+        found = (not_text(key, where) if isinstance(key, str) else None) or not_text(value[key], path)
+        if found:
+            return found
+    return None
 
 
 def _iter_jsonl(src: Source) -> Iterator[tuple[str, Any]]:
-    with open(src.path, "r", encoding="utf-8") as f:  # type: ignore[arg-type]
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{src.label}:{n}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, BadLine("invalid_json", f"invalid JSON: {e}")
+    for n, line in iter_text_lines(src.path, src.label):  # type: ignore[arg-type]
+        where = f"{src.label}:{n}"
+        if isinstance(line, BadLine):
+            yield where, line
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, BadLine("invalid_json", f"invalid JSON: {e}")
 
 
 def _iter_json(src: Source) -> Iterator[tuple[str, Any]]:
+    raw = src.path.read_bytes()  # type: ignore[union-attr]
+    _refuse_utf16(raw, src.label)
+    # Bytes that are not UTF-8 become surrogates here, so one bad record does not sink the file:
+    # iter_records reports that record alone (not_text).
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
     try:
-        data = json.loads(src.path.read_text(encoding="utf-8"))  # type: ignore[union-attr]
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SourceError(f"{src.label}: invalid JSON at line {e.lineno}: {e.msg}") from None
     if isinstance(data, dict) and src.cfg.field_messages in data:
@@ -102,9 +164,20 @@ def _iter_parquet(src: Source) -> Iterator[tuple[str, Any]]:
         raise SourceError(f"{src.label}: cannot read parquet: {e}") from None
     row = 0
     for batch in pf.iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:  # a string column holds bytes that are not UTF-8: find the row(s)
+            rows = [_one_row(lambda: batch.slice(j, 1).to_pylist()[0]) for j in range(batch.num_rows)]
+        for rec in rows:
             yield f"{src.label}:row {row}", rec
             row += 1
+
+
+def _one_row(read) -> Any:
+    try:
+        return read()
+    except UnicodeDecodeError as e:
+        return BadLine("invalid_utf8", f"a string is not valid UTF-8 ({e.reason} at byte {e.start + 1})")
 
 
 def _load_datasets(src: Source):
@@ -127,8 +200,15 @@ def _load_datasets(src: Source):
 
 
 def _iter_datasets(src: Source) -> Iterator[tuple[str, Any]]:
-    for i, rec in enumerate(_load_datasets(src)):
-        yield f"{src.label}:row {i}", rec
+    loaded = _load_datasets(src)
+    for start in range(0, len(loaded), 1024):
+        end = min(start + 1024, len(loaded))
+        try:
+            rows = list(loaded.select(range(start, end)))
+        except UnicodeDecodeError:  # a string that is not UTF-8: find the row(s), keep the others
+            rows = [_one_row(lambda: loaded[i]) for i in range(start, end)]
+        for i, rec in enumerate(rows, start=start):
+            yield f"{src.label}:row {i}", rec
 
 
 def source_fingerprint(src: Source) -> str:
@@ -152,7 +232,10 @@ def config_system_prompt(cfg: Config) -> str | None:
         path = cfg.resolve(cfg.system_prompt_file)
         if not path.is_file():
             raise ConfigError(f"system_prompt_file: {path} not found")
-        return path.read_text(encoding="utf-8").strip()
+        try:  # utf-8-sig: a byte-order mark from a Windows editor is not part of the prompt
+            return path.read_bytes().decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"system_prompt_file: {path}: not valid UTF-8 (byte {e.start + 1}); save it as UTF-8") from None
     return cfg.system_prompt
 
 

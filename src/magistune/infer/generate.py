@@ -11,10 +11,11 @@ Output: one line per non-blank input line, in input order, with the input object
     "thinking_unclosed": bool     a [THINK] was still open at the end (its text is in "thinking")
     "tokens": int                 ids generated, [THINK], [/THINK] and </s> included
 
-An input field with one of these names is kept as "input_<name>". A bad line (not JSON, not a conversation,
-rejected by mistral-common, too long for the context) becomes `{"error": "...", "source": "file:line", ...its
-own fields}` in the output, at its place, and is printed to stderr as `file:line: reason: message`; every other
-line still runs. The exit code is 1 when any line failed, 0 otherwise.
+An input field with one of these names is kept as "input_<name>". A bad line (not UTF-8, not JSON, not a
+conversation, rejected by mistral-common, too long for the context) becomes `{"error": "...", "source":
+"file:line", ...its own fields}` in the output, at its place, and is printed to stderr as
+`file:line: reason: message`; every other line still runs. The exit code is 1 when any line failed, 0 otherwise.
+A UTF-8 byte-order mark is accepted; --output may not be the --input file.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magistune.data.errors import RecordError
+from magistune.data.sources import BadLine, SourceError, iter_text_lines, not_text
 from magistune.infer.loading import Loaded
 from magistune.infer.prompts import build_request, encode_prompt
 from magistune.infer.sampling import SamplingOptions, generate_ids, make_generator, max_positions
@@ -46,29 +48,47 @@ def read_slots(path: Path, loaded: Loaded, system_prompt: str | None) -> list[Sl
     """Every non-blank line → a Slot: encoded, or with the reason it cannot be."""
     limit = max_positions(loaded.model)
     slots = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            slot = Slot(f"{path}:{n}", None)
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                slot.error = f"bad_json: {e}"
-                slots.append(slot)
-                continue
-            slot.row = row if isinstance(row, dict) else None
-            try:
-                if slot.row is None:
-                    raise RecordError("wrong_type", f"a line must be a JSON object, got {type(row).__name__}")
-                request = build_request(row.get("messages"), row.get("tools"), system_prompt)
-                slot.ids = encode_prompt(loaded.tokenizer, request)
-                if len(slot.ids) >= limit:
-                    raise RecordError("too_long", f"the prompt has {len(slot.ids)} tokens; the model's context is {limit}")
-            except RecordError as e:
-                slot.ids, slot.error = None, f"{e.reason}: {e.message}"
-            slots.append(slot)
+    for n, line in iter_text_lines(path, str(path)):  # a line that is not UTF-8 is one bad row; a BOM is fine
+        if isinstance(line, str) and not line.strip():
+            continue
+        slot = Slot(f"{path}:{n}", None)
+        slots.append(slot)
+        if isinstance(line, BadLine):
+            slot.error = f"{line.reason}: {line.message}"
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            slot.error = f"bad_json: {e}"
+            continue
+        slot.row = row if isinstance(row, dict) else None
+        try:
+            if slot.row is None:
+                raise RecordError("wrong_type", f"a line must be a JSON object, got {type(row).__name__}")
+            if (bad := not_text(row)) is not None:
+                raise RecordError("invalid_utf8", bad)
+            request = build_request(row.get("messages"), row.get("tools"), system_prompt)
+            slot.ids = encode_prompt(loaded.tokenizer, request)
+            if len(slot.ids) >= limit:
+                raise RecordError("too_long", f"the prompt has {len(slot.ids)} tokens; the model's context is {limit}")
+        except RecordError as e:
+            slot.ids, slot.error = None, f"{e.reason}: {e.message}"
     return slots
+
+
+def check_paths(input_path: Path, output_path: Path) -> str | None:
+    """Why these --input / --output paths cannot be used, or None: writing the output must never
+    overwrite the input (the same file by another name or a link included)."""
+    if not input_path.is_file():
+        return f"--input: {input_path}: file not found"
+    with open(input_path, "rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            return f"--input: {input_path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+    if output_path.is_dir():
+        return f"--output: {output_path} is a folder; give a file name"
+    if output_path.resolve() == input_path.resolve() or (output_path.exists() and output_path.samefile(input_path)):
+        return f"--output: {output_path} is the --input file; writing it would destroy the prompts (choose another file)"
+    return None
 
 
 def completion_fields(c: Completion, loaded: Loaded) -> dict:
@@ -92,10 +112,15 @@ def output_row(slot: Slot, fields: dict) -> dict:
 
 def run_generate(loaded: Loaded, input_path: Path, output_path: Path, opts: SamplingOptions, batch_size: int,
                  system_prompt: str | None = None, progress: bool = True) -> int:
-    if not input_path.is_file():
-        print(f"error: --input: {input_path}: file not found", file=sys.stderr)
+    problem = check_paths(input_path, output_path)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    slots = read_slots(input_path, loaded, system_prompt)
+    try:
+        slots = read_slots(input_path, loaded, system_prompt)
+    except SourceError as e:  # a UTF-16 file
+        print(f"error: --input: {e}", file=sys.stderr)
+        return 2
     runnable = [s for s in slots if s.ids is not None]
     for s in slots:
         if s.error:

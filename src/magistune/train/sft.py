@@ -32,7 +32,7 @@ from magistune.train.metrics import MetricsLogger, Printer, Window, peak_memory_
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
 from magistune.train.packing import packings_for
 from magistune.train.preflight import autocast_for, oom_advice, preflight, seed_everything, write_resolved_config
-from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, short_error
+from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, oom_summary
 
 SETUP_ERRORS = (ConfigError, ckpt.CheckpointError, OptimizerError, DataError, TokenizerError)
 
@@ -46,7 +46,7 @@ def train(cfg: Config) -> int:
         say(f"error: {e}")
         return 2
     except torch.OutOfMemoryError as e:
-        say(f"error: out of memory while loading or preparing the model ({short_error(e)})\n{oom_advice(cfg, None)}")
+        say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n{oom_advice(cfg, None)}")
         return 1
     return recipe.train()
 
@@ -244,7 +244,7 @@ class SFT:
                              "max_grad_norm set (1.0), or check the data of this step; resume_from_checkpoint: auto "
                              "continues from there.")
             return 1
-        self.log.message(f"error: out of memory at step {step + 1} ({short_error(e)})\n"
+        self.log.message(f"error: out of memory at step {step + 1} ({oom_summary(e)})\n"
                          f"{oom_advice(self.cfg, self.longest)}")
         return 1
 

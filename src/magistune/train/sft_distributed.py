@@ -41,7 +41,7 @@ from magistune.train.preflight import (
     autocast_for, oom_advice, preflight, resolved_config, seed_everything, write_resolved_config,
 )
 from magistune.train.sharding import build_parallel_model, grad_sync
-from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, short_error
+from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, oom_summary
 
 SETUP_ERRORS = (ConfigError, ckpt.CheckpointError, OptimizerError, DataError, TokenizerError)
 
@@ -62,7 +62,7 @@ def train(cfg: Config, env: dict, mode: str) -> int:
             say(f"error: {e}")
             return 2
         except torch.OutOfMemoryError as e:
-            say(f"error: out of memory while loading or preparing the model ({short_error(e)})\n"
+            say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n"
                 f"{oom_advice(cfg, None)}")
             return 1
         return recipe.train()
@@ -276,7 +276,7 @@ class SFTDistributed:
                              "max_grad_norm set (1.0), or check the data of this step; resume_from_checkpoint: auto "
                              "continues from there.")
             return 1
-        self.log.message(f"error: out of memory at step {step + 1} ({short_error(e)})\n"
+        self.log.message(f"error: out of memory at step {step + 1} ({oom_summary(e)})\n"
                          f"{oom_advice(self.cfg, self.longest)}")
         return 1
 

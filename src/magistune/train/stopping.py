@@ -48,9 +48,9 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def short_error(e: BaseException) -> str:
+def oom_summary(e: BaseException) -> str:
     """'CUDA out of memory. Tried to allocate 2.00 GiB' without the allocator's paragraph that follows."""
     return str(e).splitlines()[0].split(". GPU ")[0] if str(e) else type(e).__name__
 
 
-__all__ = ["Interrupted", "StopFlag", "TrainingStopped", "short_error"]
+__all__ = ["Interrupted", "StopFlag", "TrainingStopped", "oom_summary"]
