@@ -23,6 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "magistune"
 LAYERS = {
     "__init__": 0, "config_compat": 0, "tokenizer": 0,
     "config": 1,
+    "paths": 2,
     "model_files": 2,
     "data": 3, "model": 3,
     "export": 4, "train": 4,
