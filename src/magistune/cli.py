@@ -29,12 +29,21 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return preprocess(_load(args.config), dump=args.dump)
 
 
+def _no_preference_recipe_yet(cfg: Config) -> None:
+    if cfg.rl is not None:
+        raise ConfigError(f"rl: {cfg.rl}: preference training is not implemented yet in `magistune train` (the "
+                          "preference data and losses are ready: `magistune validate-data` and `preprocess` work "
+                          "on it); remove rl to fine-tune on chat data")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         return _launch_torchrun(args)
     from magistune.train.recipe import train
 
-    return train(_load(args.config))
+    cfg = _load(args.config)
+    _no_preference_recipe_yet(cfg)
+    return train(cfg)
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -48,7 +57,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc must be >= 1")
     if torchrun_env() is not None:
         raise ConfigError("--nproc: this process was already started by torchrun; drop --nproc")
-    _load(args.config)  # a bad config fails here, before N processes start
+    _no_preference_recipe_yet(_load(args.config))  # a bad config fails here, before N processes start
     command = launch_command(args.config, args.nproc)
     print(f"launching: torchrun --standalone --nproc-per-node {args.nproc} -m magistune train {args.config}",
           file=sys.stderr, flush=True)
