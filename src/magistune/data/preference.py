@@ -128,7 +128,7 @@ class PreferenceEncoder:
         self.opts = replace(opts, train_on="last_assistant", field_messages="messages", field_tools="tools")
 
     def encode_one(self, rec: PreferenceRecord, prompt: list[dict], name: str) -> Encoded:
-        if prompt[-1].get("role") not in ("user", "tool"):
+        if prompt[-1].get("role") in ("assistant", "system"):  # other roles: parse_record's own reason
             raise RecordError("bad_prompt", f"the prompt must end with a user or tool message, not "
                                             f"{prompt[-1].get('role')!r}")
         try:
