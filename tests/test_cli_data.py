@@ -175,9 +175,10 @@ def test_validate_and_dump_preference_data(tmp_path, write_jsonl, write_config, 
         assert row["label"] is False
 
 
-def test_train_with_rl_is_not_implemented_yet(tmp_path, write_jsonl, write_config, capsys):
+@pytest.mark.parametrize("extra", [[], ["--nproc", "2"]])
+def test_train_with_rl_is_not_implemented_yet(tmp_path, write_jsonl, write_config, capsys, extra):
     write_jsonl(tmp_path / "data.jsonl", [PAIR])
-    assert main(["train", str(write_config(rl="dpo"))]) == 2
+    assert main(["train", str(write_config(rl="dpo")), *extra]) == 2
     err = capsys.readouterr().err
     assert "rl: dpo: preference training is not implemented yet" in err
     assert not (tmp_path / "out").exists()  # nothing was started

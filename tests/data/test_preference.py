@@ -209,3 +209,12 @@ def test_truncation_drops_whole_turns_from_the_start(tiny_tok):
         assert e.ids == _reference(tiny_tok, shorter + [answer], None)
     kept, why = fit(penc, rec, full, 8, "truncate")
     assert kept is None and "the last user turn with the answer does not fit either" in why
+
+
+def test_parquet_style_none_keys_are_absent(tiny_tok):
+    """Parquet and datasets rows fill absent keys with None: not a weight, not a reasoning."""
+    none = {"weight": None, "train": None, "reasoning_content": None, "tool_calls": None}
+    record = {"prompt": [{"role": "user", "content": "q", **none}], "chosen": [{"role": "assistant", "content": "a", **none}],
+              "rejected": [{"role": "assistant", "content": "b", **none}], "tools": None}
+    _, s = _samples(tiny_tok, record)
+    assert s.chosen_input_ids == _reference(tiny_tok, [U, A], None)

@@ -151,16 +151,16 @@ def _encode_preference_dataset(ds: DatasetConfig, cfg: Config, encoder: Conversa
                 over_cap = image_cap_violation(encoded[0].ids, encoded[0].images, encoder.ids, cfg)
                 if over_cap and policy == "truncate":
                     raise RecordError("too_many_images", over_cap)
-                rep.valid += 1
-                rep.lengths.append(max(len(e.ids) for e in encoded))
-                image_files.update(encoded[0].conv.image_origins)
-                if over_cap:
-                    rep.dropped.append(Rejected(where, "too_many_images", over_cap))
-                    continue
-                kept, why = fit(penc, rec, encoded, cfg.sequence_len, policy)
             except RecordError as e:
                 rep.rejected.append(Rejected(where, e.reason, e.message, record))
                 continue
+            rep.valid += 1
+            rep.lengths.append(max(len(e.ids) for e in encoded))
+            image_files.update(encoded[0].conv.image_origins)
+            if over_cap:
+                rep.dropped.append(Rejected(where, "too_many_images", over_cap))
+                continue
+            kept, why = fit(penc, rec, encoded, cfg.sequence_len, policy)
             if kept is None:
                 rep.dropped.append(Rejected(where, "too_long" if policy == "drop" else "truncation", why))
                 continue

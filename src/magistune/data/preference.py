@@ -52,7 +52,7 @@ def _messages(record: dict, name: str) -> list:
     if not value:
         raise RecordError("missing_field", f"'{name}' is an empty list")
     for i, m in enumerate(value):
-        if "weight" in m or "train" in m:
+        if m.get("weight") is not None or m.get("train") is not None:  # None: a parquet row's absent key
             raise RecordError("bad_weight", f"{name}[{i}]: weight/train are not used in preference records (the "
                                             "final answer is trained, the prompt never)")
     return value
@@ -172,10 +172,14 @@ def fit(penc: PreferenceEncoder, rec: PreferenceRecord, encoded: list[Encoded], 
     if policy == "drop":
         return None, f"{longest} tokens > sequence_len {limit}"
     for prompt in penc.shorter_prompts(rec.prompt):
-        shorter = penc.encode(rec, prompt)
+        try:
+            shorter = penc.encode(rec, prompt)
+        except RecordError:  # mistral-common refuses this shorter conversation: try the next, shorter one
+            continue
         if max(len(e.ids) for e in shorter) <= limit:
             return shorter, None
-    return None, f"{longest} tokens > sequence_len {limit}, and the last user turn with the answer does not fit either"
+    return None, (f"{longest} tokens > sequence_len {limit}, and no shorter prompt (whole turns dropped from the "
+                  "start) fits: the last user turn with the answer does not fit either")
 
 
 def to_sample(rec: PreferenceRecord, encoded: list[Encoded], where: str) -> PreferenceSample | KTOSample:
