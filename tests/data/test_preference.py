@@ -218,3 +218,18 @@ def test_parquet_style_none_keys_are_absent(tiny_tok):
               "rejected": [{"role": "assistant", "content": "b", **none}], "tools": None}
     _, s = _samples(tiny_tok, record)
     assert s.chosen_input_ids == _reference(tiny_tok, [U, A], None)
+
+
+def test_kto_mismatched_pairs_are_exact(tiny_tok):
+    from magistune.data.preference import kto_mismatched
+
+    prompts = [[{"role": "system", "content": "S."}, U], [{"role": "user", "content": "other question"}], [U, A, U]]
+    answers = [{"role": "assistant", "reasoning_content": "hmm", "content": "x"}, A,
+               {"role": "assistant", "tool_calls": [{"id": "abc123def", "type": "function",
+                                                      "function": {"name": "add", "arguments": "{}"}}]}]
+    samples = [_samples(tiny_tok, {"prompt": p, "completion": [c], "label": True, "tools": TOOLS}, kto=True)[1]
+               for p, c in zip(prompts, answers)]
+    for i, (ids, labels) in enumerate(kto_mismatched(samples)):
+        assert ids == _reference(tiny_tok, prompts[i] + [answers[i - 1]], TOOLS)
+        p = samples[i].prompt_len
+        assert labels[:p] == [IGNORE_INDEX] * p and labels[p:] == ids[p:]

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from magistune.data.sample import IGNORE_INDEX
 from magistune.train.preference_loss import (

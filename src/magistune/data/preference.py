@@ -188,3 +188,19 @@ def to_sample(rec: PreferenceRecord, encoded: list[Encoded], where: str) -> Pref
         return KTOSample(e.ids, e.labels, where, e.images, label=rec.label)
     c, r = encoded
     return PreferenceSample(c.ids, c.labels, r.ids, r.labels, where, c.images)
+
+
+def kto_mismatched(samples: list[KTOSample]) -> list[tuple[list[int], list[int]]]:
+    """KTO's KL estimate runs on mismatched pairs: example i's prompt with example i−1's completion (TRL rolls the
+    completions of a batch by one; a batch of one pairs an example with itself). Each is (input_ids, labels), the
+    completion labelled. Token concatenation is exact: a final answer encodes the same whatever the prompt (the
+    tail after prompt_len is mistral-common's encoding of that assistant message alone), so prompt_i's ids +
+    answer_j's ids are `encode_chat_completion` of that conversation (its images: example i's). It can be longer
+    than either sample."""
+    out = []
+    for i, s in enumerate(samples):
+        other = samples[i - 1]
+        answer = other.input_ids[other.prompt_len:]
+        prompt = s.input_ids[:s.prompt_len]
+        out.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+    return out
