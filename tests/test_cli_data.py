@@ -182,3 +182,9 @@ def test_train_with_rl_is_not_implemented_yet(tmp_path, write_jsonl, write_confi
     err = capsys.readouterr().err
     assert "rl: dpo: preference training is not implemented yet" in err
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_evaluate_with_rl_says_not_implemented(tmp_path, write_jsonl, write_config, capsys):
+    write_jsonl(tmp_path / "data.jsonl", [PAIR])
+    assert main(["evaluate", str(write_config(rl="orpo"))]) == 2
+    assert "evaluating on preference data is not implemented yet" in capsys.readouterr().err

@@ -149,6 +149,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from magistune.tokenizer import TokenizerError
 
     cfg = _load(args.config)
+    if cfg.rl is not None:
+        raise ConfigError(f"rl: {cfg.rl}: evaluate computes the chat-data loss; evaluating on preference data is not "
+                          "implemented yet")
     source = resolve_source(cfg, adapter=args.adapter, base_only=args.base)
     try:
         samples, split = select_samples(cfg, args.all, args.dataset)  # data first: a bad file fails before loading
