@@ -198,3 +198,49 @@ def test_empty_dataset_is_an_error(tmp_path, write_jsonl, write_config, capsys, 
     assert f"error: {name}: the dataset has no records" in capsys.readouterr().err
     assert main(["preprocess", str(config)]) == 1
     assert f"error: {name}: the dataset has no records" in capsys.readouterr().err
+
+
+# --- preference data (rl) ---------------------------------------------------------------------------------------
+
+PAIR = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}]}
+
+
+@pytest.mark.parametrize("rl,records,keys", [
+    ("dpo", [PAIR, {"prompt": PAIR["prompt"], "chosen": PAIR["chosen"]}],
+     ["source", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]),
+    ("kto", [{"prompt": PAIR["prompt"], "completion": PAIR["chosen"], "label": False}, {"prompt": PAIR["prompt"], "label": True}],
+     ["source", "input_ids", "labels", "label"]),
+])
+def test_validate_and_dump_preference_data(tmp_path, write_jsonl, write_config, capsys, tiny_tok, rl, records, keys):
+    write_jsonl(tmp_path / "data.jsonl", records)
+    assert main(["validate-data", str(write_config(rl=rl))]) == 1
+    out = capsys.readouterr().out
+    assert "records: 2\nvalid: 1\nrejected: 1\n" in out and "data.jsonl:2: missing_field: no '" in out
+    cfg = write_config(rl=rl, on_bad_record="skip")
+    dump = tmp_path / "dump.jsonl"
+    assert main(["preprocess", str(cfg), "--dump", str(dump)]) == 0
+    (row,) = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert list(row) == keys and row["source"] == "data.jsonl:1"
+    ids = row.get("chosen_input_ids", row.get("input_ids"))
+    labels = row.get("chosen_labels", row.get("labels"))
+    assert len(ids) == len(labels) and all(t in (-100, i) for t, i in zip(labels, ids))
+    raw = tiny_tok.instruct_tokenizer.tokenizer
+    assert raw.decode([t for t in labels if t != -100]) == "4"  # the answer and </s> only
+    if rl == "kto":
+        assert row["label"] is False
+
+
+@pytest.mark.parametrize("extra", [[], ["--nproc", "2"]])
+def test_train_with_rl_is_not_implemented_yet(tmp_path, write_jsonl, write_config, capsys, extra):
+    write_jsonl(tmp_path / "data.jsonl", [PAIR])
+    assert main(["train", str(write_config(rl="dpo")), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "rl: dpo: preference training is not implemented yet" in err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_evaluate_with_rl_says_not_implemented(tmp_path, write_jsonl, write_config, capsys):
+    write_jsonl(tmp_path / "data.jsonl", [PAIR])
+    assert main(["evaluate", str(write_config(rl="orpo"))]) == 2
+    assert "evaluating on preference data is not implemented yet" in capsys.readouterr().err

@@ -249,7 +249,7 @@ def test_every_error_is_listed(tmp_path):
     ("hub_model_id: me/my-model", "hub_model_id"),
     ("chat_template: chatml", "chat_template"),
     ("torch_compile: true", "torch_compile"),
-    ("rl: dpo", "rl"),
+    ("reward_model: foo", "reward_model"),
 ])
 def test_unimplemented_axolotl_key_with_a_value(tmp_path, line, key):
     msg = _error(tmp_path, f"base_model: tiny-random\ndatasets: [{{path: data.jsonl}}]\n{line}\n")
@@ -385,3 +385,33 @@ def test_image_path_keys(tmp_path):
     cfg, _ = _load(tmp_path, "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\n"
                              "allow_image_paths_outside_dataset: [../images, /srv/pictures]\n")
     assert cfg.allow_image_paths_outside_dataset == ["../images", "/srv/pictures"]
+
+
+# --- preference tuning (rl) -------------------------------------------------------------------------------------
+
+BASE = "base_model: tiny-random\ndatasets: [{path: data.jsonl}]\n"
+
+
+def test_rl_keys_and_defaults(tmp_path):
+    cfg = _load(tmp_path, BASE + "rl: dpo\n")[0]
+    assert (cfg.rl, cfg.rl_beta, cfg.dpo_label_smoothing, cfg.simpo_gamma, cfg.cpo_alpha) == ("dpo", 0.1, 0.0, 0.5, 1.0)
+    assert (cfg.kto_desirable_weight, cfg.kto_undesirable_weight) == (1.0, 1.0)
+    assert cfg.precompute_ref_log_probs is True  # full fine-tune: no second copy of the model
+    assert _load(tmp_path, BASE + "rl: kto\nadapter: lora\n")[0].precompute_ref_log_probs is False  # adapter off = ref
+    assert _load(tmp_path, BASE + "rl: orpo\n")[0].precompute_ref_log_probs is False  # no reference model
+    assert _load(tmp_path, BASE)[0].rl is None
+    cfg = _load(tmp_path, BASE + "rl: simpo\nrl_beta: 2.0\nsimpo_gamma: 1.0\ncpo_alpha: 0\n")[0]
+    assert (cfg.rl_beta, cfg.simpo_gamma, cfg.cpo_alpha) == (2.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("rl: grpo\n", "rl: Input should be 'dpo', 'ipo', 'orpo', 'simpo' or 'kto'"),
+    ("rl: dpo\nrl_beta: 0\n", "rl_beta: Input should be greater than 0"),
+    ("rl: dpo\ndpo_label_smoothing: 0.5\n", "dpo_label_smoothing: Input should be less than 0.5"),
+    ("rl: orpo\nprecompute_ref_log_probs: true\n", "rl: orpo uses no reference model"),
+    ("rl: dpo\ndatasets: [{path: d.jsonl, type: messages}]\n", "datasets[0].type: messages is the SFT messages format"),
+    ("rl: dpo\ndatasets: [{path: d.jsonl, train_on_inputs: true}]\n", "datasets[0].train_on_inputs: not used with rl: dpo"),
+])
+def test_rl_errors(tmp_path, text, needle):
+    base = "base_model: tiny-random\n" + ("" if "datasets" in text else "datasets: [{path: data.jsonl}]\n")
+    assert needle in _error(tmp_path, base + text)

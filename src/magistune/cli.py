@@ -41,6 +41,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return preprocess(cfg, dump=args.dump)
 
 
+def _no_preference_recipe_yet(cfg: Config) -> None:
+    if cfg.rl is not None:
+        raise ConfigError(f"rl: {cfg.rl}: preference training is not implemented yet in `magistune train` (the "
+                          "preference data and losses are ready: `magistune validate-data` and `preprocess` work "
+                          "on it); remove rl to fine-tune on chat data")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """One process: train/sft.py. One of torchrun's processes (FSDP2 / DDP): train/sft_distributed.py."""
     if args.nproc is not None:
@@ -48,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from magistune.train.launch import distributed_mode, torchrun_env
 
     cfg, env = _load(args.config), torchrun_env()
+    _no_preference_recipe_yet(cfg)
     mode = distributed_mode(cfg, env)
     if mode is None:
         from magistune.train.sft import train
@@ -69,7 +77,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc must be >= 1")
     if torchrun_env() is not None:
         raise ConfigError("--nproc: this process was already started by torchrun; drop --nproc")
-    _load(args.config)  # a bad config fails here, before N processes start
+    _no_preference_recipe_yet(_load(args.config))  # a bad config fails here, before N processes start
     command = launch_command(args.config, args.nproc)
     print(f"launching: torchrun --standalone --nproc-per-node {args.nproc} -m magistune train {args.config}",
           file=sys.stderr, flush=True)
@@ -165,6 +173,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from magistune.tokenizer import TokenizerError
 
     cfg = _load(args.config)
+    if cfg.rl is not None:
+        raise ConfigError(f"rl: {cfg.rl}: evaluate computes the chat-data loss; evaluating on preference data is not "
+                          "implemented yet")
     source = resolve_source(cfg, adapter=args.adapter, base_only=args.base)
     try:
         samples, split = select_samples(cfg, args.all, args.dataset)  # data first: a bad file fails before loading

@@ -19,6 +19,9 @@ from magistune.config_compat import (
 )
 
 
+REFERENCE_LOSSES = ("dpo", "ipo", "kto")  # the rl losses that compare with a frozen reference model
+
+
 class ConfigError(ValueError):
     """A bad config: the message names the file, the key and the reason."""
 
@@ -117,6 +120,16 @@ class Config(_Strict):
     liger_glu_activation: bool = False  # SiLU(gate)·up in liger's Triton kernel (CUDA)
     liger_rms_norm: bool = False  # RMSNorm in liger's Triton kernel (CUDA)
 
+    # --- preference tuning (issue 13): TRL's meanings and defaults, Axolotl's key names ---------
+    rl: Literal["dpo", "ipo", "orpo", "simpo", "kto"] | None = None  # None: supervised fine-tuning
+    rl_beta: float = Field(default=0.1, gt=0)  # DPO/IPO/KTO β; ORPO's λ; SimPO's β
+    dpo_label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # conservative DPO (also SimPO)
+    simpo_gamma: float = Field(default=0.5, ge=0)  # SimPO's target reward margin γ
+    cpo_alpha: float = Field(default=1.0, ge=0)  # weight of the chosen answer's NLL term (ORPO, SimPO/CPO)
+    kto_desirable_weight: float = Field(default=1.0, gt=0)
+    kto_undesirable_weight: float = Field(default=1.0, gt=0)
+    precompute_ref_log_probs: bool | None = None  # None: true for a full fine-tune of DPO/IPO/KTO, else false
+
     # --- multi-GPU: torchrun, one process per GPU (docs/multi-gpu.md) --------------------------
     fsdp: bool = False  # FSDP2: weights, gradients and optimizer state sharded over the GPUs (Axolotl's list form too)
     fsdp_cpu_offload: bool = False  # the shards (and the optimizer step) live in CPU memory
@@ -205,10 +218,29 @@ class Config(_Strict):
             self.resume_from_checkpoint = None
         if self.activation_offloading and not self.gradient_checkpointing:
             self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
+        self._check_preference()
         if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
             raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
                              "drop them, or use ddp: true")
         return self
+
+    def _check_preference(self) -> None:
+        """Dataset options that have no meaning for preference data, and the reference model's default."""
+        if self.rl is None:
+            return
+        for i, ds in enumerate(self.datasets):
+            if ds.type != "chat_template":
+                raise ValueError(f"datasets[{i}].type: {ds.type} is the SFT messages format; with rl: {self.rl} use "
+                                 "type: chat_template (TRL's conversational preference records)")
+            for key, default in (("train_on", "all_assistant"), ("train_thinking", True), ("train_on_inputs", False)):
+                if getattr(ds, key) != default:
+                    raise ValueError(f"datasets[{i}].{key}: not used with rl: {self.rl} (the labels cover the final "
+                                     "answer whole: its thinking, text, tool calls and </s>)")
+        needs_ref = self.rl in REFERENCE_LOSSES
+        if self.precompute_ref_log_probs is None:
+            self.precompute_ref_log_probs = needs_ref and self.adapter is None
+        elif self.precompute_ref_log_probs and not needs_ref:
+            raise ValueError(f"precompute_ref_log_probs: rl: {self.rl} uses no reference model")
 
     # --- derived values ------------------------------------------------------------------------
     def resolve(self, path: str | None) -> Path | None:

@@ -36,7 +36,6 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "tokens": "adding tokens is not supported; the tokenizer file is used as is",
     "tokenizer_type": "the tokenizer is always mistral-common's",
     "model_type": "the model class comes from the model's config.json",
-    "rl": "preference training (DPO, ORPO, KTO, GRPO) is not implemented",
     "reward_model": "reward models are not implemented",
     "relora_steps": "ReLoRA is not implemented",
     "lora_modules_to_save": "modules_to_save is not implemented; use a full fine-tune with unfrozen_parameters",

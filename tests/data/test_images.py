@@ -21,7 +21,7 @@ from magistune.data.errors import RecordError
 from magistune.data.images import ImageOptions, pixel_values
 from magistune.data.records import RecordOptions, parse_record
 from magistune.data.sample import IGNORE_INDEX
-from magistune.tokenizer import SpecialIds, load_tokenizer, shipped_tokenizer_file, tiny_tokenizer_path
+from magistune.tokenizer import SpecialIds, load_tokenizer, tiny_tokenizer_path
 
 # Sizes that stay small, cross the 1540-pixel limit on one side, and on both.
 SIZES = [(20, 20), (300, 200), (2000, 300), (1600, 1700)]
@@ -202,7 +202,7 @@ def test_report_states_bytes_per_image(tmp_path, capsys):
     cfg = _vision_config(tmp_path, [_image_record(["0.png"])] * 2)
     assert validate_data(cfg) == 0
     size = (tmp_path / "0.png").stat().st_size
-    assert f"images: 2 in kept samples" in (out := capsys.readouterr().out)
+    assert "images: 2 in kept samples" in (out := capsys.readouterr().out)
     assert f"{size / 1024:,.1f} KiB per image" in out
 
 

@@ -8,7 +8,7 @@ import torch
 from bitsandbytes.nn import Linear4bit
 from transformers import LlamaConfig, Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, MistralForCausalLM
 
-from magistune.model import ModelError, check_model_dir, format_model_info, freeze_except, load_model, model_info, resolve_dtype
+from magistune.model import ModelError, check_model_dir, format_model_info, freeze_except, load_model, resolve_dtype
 from magistune.model.load import resolve_attn
 from magistune.tokenizer import shipped_tokenizer_file
 

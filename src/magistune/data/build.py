@@ -1,6 +1,7 @@
 """The data pipeline end to end: every dataset → records → samples, the policies, the split, the cache.
 
     prepare_data(cfg)   → PreparedData (train/eval samples), from the cache when nothing changed
+                          (with `rl:` set: PreferenceSample pairs, or KTOSample with rl: kto; data/preference.py)
     validate_data(cfg)  → prints the report; exit code 1 if any record is bad
     preprocess(cfg)     → fills the cache; --dump writes the kept samples as JSON lines
 """
@@ -53,12 +54,7 @@ def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
     limit = cfg.sequence_len
     try:
         src = open_source(ds, cfg)
-        base_dir = src.path if src.path is None or src.path.is_dir() else src.path.parent
-        opts = RecordOptions(
-            ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on,
-            supports_images=encoder.instruct.image_encoder is not None,
-            images=image_options(cfg, base_dir or cfg.config_dir),
-        )
+        opts = _record_options(ds, cfg, encoder, src)
         records = iter_records(src)
         samples: list[Sample] = []
         records_before = rep.records
@@ -110,6 +106,57 @@ def image_options(cfg: Config, base_dir: Path) -> ImageOptions:
                         allow_outside=outside is True, extra_roots=roots)  # type: ignore[arg-type]
 
 
+def _record_options(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, src) -> RecordOptions:
+    base_dir = src.path if src.path is None or src.path.is_dir() else src.path.parent
+    return RecordOptions(
+        ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on,
+        supports_images=encoder.instruct.image_encoder is not None,
+        images=image_options(cfg, base_dir or cfg.config_dir),
+    )
+
+
+def _encode_preference_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, rep: DataReport,
+                               image_files: set[str], progress: bool) -> list:
+    """Every preference record of one dataset (data/preference.py): pairs, or KTO examples with `rl: kto`."""
+    from magistune.data.preference import PreferenceEncoder, fit, split_record, to_sample
+
+    policy = ds.excess_length_strategy or cfg.excess_length_strategy
+    try:
+        src = open_source(ds, cfg)
+        penc = PreferenceEncoder(encoder, _record_options(ds, cfg, encoder, src))
+        samples = []
+        for where, record in tqdm(iter_records(src), desc=f"tokenising {ds.path}", unit=" rec", disable=not progress,
+                                  file=sys.stderr):
+            rep.records += 1
+            if isinstance(record, BadLine):
+                rep.rejected.append(Rejected(where, record.reason, record.message))
+                continue
+            try:
+                rec = split_record(record, cfg.rl == "kto", ds.field_tools)
+                encoded = penc.encode(rec)
+                over_cap = image_cap_violation(encoded[0].ids, encoded[0].images, encoder.ids, cfg)
+                if over_cap and policy == "truncate":
+                    raise RecordError("too_many_images", over_cap)
+            except RecordError as e:
+                rep.rejected.append(Rejected(where, e.reason, e.message, record))
+                continue
+            rep.valid += 1
+            rep.lengths.append(max(len(e.ids) for e in encoded))
+            image_files.update(encoded[0].conv.image_origins)
+            if over_cap:
+                rep.dropped.append(Rejected(where, "too_many_images", over_cap))
+                continue
+            kept, why = fit(penc, rec, encoded, cfg.sequence_len, policy)
+            if kept is None:
+                rep.dropped.append(Rejected(where, "too_long" if policy == "drop" else "truncation", why))
+                continue
+            rep.truncated += kept is not encoded
+            samples.append(to_sample(rec, kept, where))
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    return _cap_and_mix(samples, ds, cfg.seed)
+
+
 def image_cap_violation(ids: list[int], images: list, special: SpecialIds, cfg: Config) -> str | None:
     """Why a sample is over max_images_per_sample or max_image_tokens_per_sample, or None."""
     if not images:
@@ -156,8 +203,9 @@ def encode_all(cfg: Config, progress: bool = True) -> tuple[list[Sample], DataRe
     rep = DataReport()
     samples: list[Sample] = []
     image_files: set[str] = set()
+    encode_dataset = _encode_dataset if cfg.rl is None else _encode_preference_dataset
     for ds in cfg.datasets:
-        samples.extend(_encode_dataset(ds, cfg, encoder, rep, image_files, progress))
+        samples.extend(encode_dataset(ds, cfg, encoder, rep, image_files, progress))
     rep.image_stamps = {o: list(st) for o in sorted(image_files) if (st := local_file_stamp(o)) is not None}
     return samples, rep, tok_file
 

@@ -6,6 +6,8 @@ Layout of one entry (`<prepared>/<key[:16]>/`), written to a temporary folder an
     tokens.npz    input_ids and labels as flat int32 arrays + offsets (4 + 4 bytes a token)
     images.bin    the original bytes of every image, back to back (memory-mapped on load)
     samples.json  source (file:line), split and image byte ranges of every sample, the report, the tokenizer
+A preference pair is stored as two consecutive token rows (chosen, rejected); a KTO example as one row, with its
+label in samples.json.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ from magistune.config import Config
 from magistune.data.errors import DataError
 from magistune.data.images import local_file_stamp
 from magistune.data.report import DataReport
-from magistune.data.sample import PreparedData, Sample
+from magistune.data.sample import KTOSample, PreferenceSample, PreparedData, Sample
 from magistune.data.sources import SourceError, open_source, source_fingerprint, system_prompt_for
 from magistune.tokenizer import file_digest
 
 ENCODER_VERSION = 2  # bump when the encoding or labelling logic changes
 _DATA_KEYS = ("datasets", "sequence_len", "excess_length_strategy", "val_set_size", "system_prompt", "seed",
               "base_model", "tokenizer_path", "allow_image_urls", "max_images_per_sample", "max_image_tokens_per_sample",
-              "max_image_pixels", "allow_image_paths_outside_dataset")
+              "max_image_pixels", "allow_image_paths_outside_dataset", "rl")
 
 
 def cache_key(cfg: Config, tokenizer_file: Path) -> str:
@@ -70,12 +72,25 @@ def save_cached(root: Path, key: str, data: PreparedData) -> Path:
     return final
 
 
+def _rows(s) -> list[tuple[list[int], list[int]]]:
+    """A sample's token rows: (input_ids, labels), twice for a preference pair."""
+    if isinstance(s, PreferenceSample):
+        return [(s.chosen_input_ids, s.chosen_labels), (s.rejected_input_ids, s.rejected_labels)]
+    return [(s.input_ids, s.labels)]
+
+
+def _kind(samples: list) -> str:
+    return "pair" if samples and isinstance(samples[0], PreferenceSample) else (
+        "kto" if samples and isinstance(samples[0], KTOSample) else "sft")
+
+
 def _write_entry(tmp: Path, key: str, data: PreparedData) -> None:
     samples = data.train + data.eval
-    lengths = np.array([len(s) for s in samples], dtype=np.int64)
+    rows = [row for s in samples for row in _rows(s)]
+    lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    flat = lambda attr: np.fromiter((t for s in samples for t in getattr(s, attr)), dtype=np.int32, count=int(offsets[-1]))  # noqa: E731
-    np.savez(tmp / "tokens.npz", input_ids=flat("input_ids"), labels=flat("labels"), offsets=offsets)
+    flat = lambda k: np.fromiter((t for row in rows for t in row[k]), dtype=np.int32, count=int(offsets[-1]))  # noqa: E731
+    np.savez(tmp / "tokens.npz", input_ids=flat(0), labels=flat(1), offsets=offsets)
     # Images: the original file bytes back to back in images.bin (memory-mapped when loaded), and per sample
     # the (start, end) byte range of each. Pixels are recomputed from them exactly when batches are built.
     ranges, pos = [], 0
@@ -91,6 +106,8 @@ def _write_entry(tmp: Path, key: str, data: PreparedData) -> None:
         "key": key,
         "tokenizer_file": str(data.tokenizer_file),
         "sources": [s.source for s in samples],
+        "sample_kind": _kind(samples),
+        "kto_labels": [s.label for s in samples] if _kind(samples) == "kto" else None,
         "n_train": len(data.train),
         "report": data.report.to_json(),
     }
@@ -118,7 +135,10 @@ def _read_entry(entry: Path, key: str):
     with np.load(entry / "tokens.npz", allow_pickle=False) as arrays:  # plain arrays only: no code from the cache
         ids, labels, offsets = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
     sources, ranges, n = meta["sources"], meta["image_ranges"], meta["n_train"]
-    if not (len(offsets) == len(sources) + 1 == len(ranges) + 1 and offsets[-1] == len(ids) == len(labels)
+    kind = meta.get("sample_kind", "sft")
+    per_sample = 2 if kind == "pair" else 1  # a preference pair is two token rows: chosen, rejected
+    if not (len(offsets) == per_sample * len(sources) + 1 and len(sources) == len(ranges)
+            and offsets[-1] == len(ids) == len(labels)
             and 0 <= n <= len(sources)):
         raise ValueError("the token arrays and samples.json do not agree")
     report = DataReport.from_json(meta["report"])
@@ -127,6 +147,14 @@ def _read_entry(entry: Path, key: str):
     blob = np.memmap(entry / "images.bin", dtype=np.uint8, mode="r") if any(ranges) else None
     if blob is not None and max(y for imgs in ranges for _, y in imgs) > len(blob):
         raise ValueError(f"images.bin has {len(blob)} bytes, fewer than samples.json refers to")
-    samples = [Sample(ids[a:b], labels[a:b], src, [blob[x:y] for x, y in imgs])  # type: ignore[index]
-               for a, b, src, imgs in zip(offsets[:-1], offsets[1:], sources, ranges)]
+    rows = [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+    images = [[blob[x:y] for x, y in imgs] for imgs in ranges]  # type: ignore[index]
+    if kind == "pair":
+        samples = [PreferenceSample(*rows[2 * i], *rows[2 * i + 1], src, imgs)
+                   for i, (src, imgs) in enumerate(zip(sources, images))]
+    elif kind == "kto":
+        samples = [KTOSample(*row, src, imgs, label=label)
+                   for row, src, imgs, label in zip(rows, sources, images, meta["kto_labels"])]
+    else:
+        samples = [Sample(*row, src, imgs) for row, src, imgs in zip(rows, sources, images)]
     return PreparedData(samples[:n], samples[n:], Path(meta["tokenizer_file"]), report, from_cache=True)
