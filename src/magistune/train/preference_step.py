@@ -226,21 +226,27 @@ def kto_kl_rows(samples: list[KTOSample]) -> list[Sample]:
 
 
 @torch.no_grad()
-def kto_step_kl(model: torch.nn.Module, samples: list[KTOSample], pad_id: int, micro_batch_size: int,
-                image_encoder=None, reference=None, cce: bool = False) -> torch.Tensor:
-    """KTO's z₀ for one optimizer step: the policy − reference log-probs of the step's mismatched rows, averaged,
-    clamped at 0, detached. `reference(batch, indices) → logps` for a full fine-tune; else the adapters are off."""
-    rows = kto_kl_rows(samples)
+def kto_rows_kl(model: torch.nn.Module, rows: list[Sample], pad_id: int, micro_batch_size: int, image_encoder=None,
+                ref_logps: torch.Tensor | None = None, cce: bool = False, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """KTO's z₀ over KL rows (kto_kl_rows): policy − reference summed log-probs, averaged, clamped at 0, detached.
+    `ref_logps` (one per row) from a precomputed table; without it the reference is the model with adapters off."""
+    device = _device(model)
     policy, ref = [], []
     for i in range(0, len(rows), micro_batch_size):
-        batch = collate_kto(rows[i:i + micro_batch_size], pad_id, image_encoder).to(_device(model))
-        policy.append(sample_logps(model, batch, cce)[0])
-        if reference is None:
-            with disabled_adapters(model):
-                ref.append(sample_logps(model, batch, cce)[0])
-        else:
-            ref.append(reference(batch, range(i, i + len(batch.sources))))
-    return kto_kl_estimate(torch.cat(policy), torch.cat(ref).to(torch.cat(policy).device))
+        batch = collate_kto(rows[i:i + micro_batch_size], pad_id, image_encoder).to(device)
+        with autocast():
+            policy.append(sample_logps(model, batch, cce)[0])
+            if ref_logps is None:
+                with disabled_adapters(model):
+                    ref.append(sample_logps(model, batch, cce)[0])
+    ref_all = torch.cat(ref) if ref_logps is None else ref_logps.to(device)
+    return kto_kl_estimate(torch.cat(policy), ref_all)
+
+
+def kto_step_kl(model: torch.nn.Module, samples: list[KTOSample], pad_id: int, micro_batch_size: int,
+                image_encoder=None, cce: bool = False) -> torch.Tensor:
+    """KTO's z₀ for a list of examples: their mismatched rows (kto_kl_rows), the reference with adapters off."""
+    return kto_rows_kl(model, kto_kl_rows(samples), pad_id, micro_batch_size, image_encoder, cce=cce)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -271,6 +277,51 @@ def example_loss(cfg, policy_logps: torch.Tensor, ref_logps: torch.Tensor, desir
                     cfg.kto_undesirable_weight)
 
 
-__all__ = ["PairBatch", "PairLogps", "collate_kto", "collate_pairs", "disabled_adapters", "example_loss",
-           "kto_kl_rows", "kto_step_kl", "pair_logps", "pair_loss", "reference_pair_logps", "sample_logps",
+@dataclass
+class PreferenceTotals:
+    """Sums over the pairs (KTO: examples) of a step, a logging window or an eval: the loss and the rewards."""
+
+    loss_sum: float = 0.0
+    n_items: int = 0  # pairs (KTO: examples): the loss divisor
+    n_tokens: int = 0  # real tokens processed (tokens/s)
+    seconds: float = 0.0
+    chosen_sum: float = 0.0  # Σ chosen rewards (KTO: desirable examples')
+    n_chosen: int = 0
+    rejected_sum: float = 0.0
+    n_rejected: int = 0
+    correct: float = 0.0  # Σ correctly ranked
+    n_ranked: int = 0
+
+    def add(self, out: PreferenceLossOutput, n_tokens: int) -> None:
+        self.loss_sum += float(out.losses.detach().double().sum())
+        self.n_items += out.losses.shape[0]
+        self.n_tokens += n_tokens
+        self.chosen_sum += float(out.chosen_rewards.double().sum())
+        self.n_chosen += out.chosen_rewards.numel()
+        self.rejected_sum += float(out.rejected_rewards.double().sum())
+        self.n_rejected += out.rejected_rewards.numel()
+        self.correct += float(out.correct.double().sum())
+        self.n_ranked += out.correct.numel()
+
+    def merge(self, other: "PreferenceTotals") -> None:
+        for k, v in other.__dict__.items():
+            setattr(self, k, getattr(self, k) + v)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.n_items if self.n_items else float("nan")
+
+    def stats(self) -> dict[str, float]:
+        """loss, reward_chosen, reward_rejected, reward_margin, reward_accuracy (means; NaN where none)."""
+        mean = lambda s, n: s / n if n else float("nan")  # noqa: E731
+        chosen, rejected = mean(self.chosen_sum, self.n_chosen), mean(self.rejected_sum, self.n_rejected)
+        return {"loss": self.loss, "reward_chosen": chosen, "reward_rejected": rejected,
+                "reward_margin": chosen - rejected, "reward_accuracy": mean(self.correct, self.n_ranked)}
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+__all__ = ["PairBatch", "PairLogps", "PreferenceTotals", "collate_kto", "collate_pairs", "disabled_adapters", "example_loss",
+           "kto_kl_rows", "kto_rows_kl", "kto_step_kl", "pair_logps", "pair_loss", "reference_pair_logps", "sample_logps",
            "shared_row_unsupported"]
