@@ -231,12 +231,16 @@ def test_validate_and_dump_preference_data(tmp_path, write_jsonl, write_config, 
         assert row["label"] is False
 
 
-@pytest.mark.parametrize("extra", [[], ["--nproc", "2"]])
-def test_train_with_rl_is_not_implemented_yet(tmp_path, write_jsonl, write_config, capsys, extra):
+@pytest.mark.parametrize("how", ["nproc", "torchrun"])
+def test_train_with_rl_on_several_processes_is_refused(tmp_path, write_jsonl, write_config, capsys, monkeypatch, how):
     write_jsonl(tmp_path / "data.jsonl", [PAIR])
+    if how == "torchrun":
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    extra = ["--nproc", "2"] if how == "nproc" else []
     assert main(["train", str(write_config(rl="dpo")), *extra]) == 2
     err = capsys.readouterr().err
-    assert "rl: dpo: preference training is not implemented yet" in err
+    assert "rl: dpo: preference training on several GPUs is not implemented yet; run it in one process" in err
     assert not (tmp_path / "out").exists()  # nothing was started
 
 

@@ -236,11 +236,17 @@ class Config(_Strict):
                 if getattr(ds, key) != default:
                     raise ValueError(f"datasets[{i}].{key}: not used with rl: {self.rl} (the labels cover the final "
                                      "answer whole: its thinking, text, tool calls and </s>)")
+        for key in ("sample_packing", "activation_offloading"):
+            if getattr(self, key):
+                raise ValueError(f"{key}: not supported with rl yet (each preference pair is one row of its own)")
         needs_ref = self.rl in REFERENCE_LOSSES
         if self.precompute_ref_log_probs is None:
             self.precompute_ref_log_probs = needs_ref and self.adapter is None
         elif self.precompute_ref_log_probs and not needs_ref:
             raise ValueError(f"precompute_ref_log_probs: rl: {self.rl} uses no reference model")
+        elif needs_ref and self.adapter is None and not self.precompute_ref_log_probs:
+            raise ValueError(f"precompute_ref_log_probs: false, but a full fine-tune with rl: {self.rl} has no other "
+                             "reference (no second copy of the model is kept): leave it unset or true")
 
     # --- derived values ------------------------------------------------------------------------
     def resolve(self, path: str | None) -> Path | None:

@@ -136,6 +136,17 @@ class MetricsLogger:
         self.message(f"step {step}: eval_loss {eval_loss:.4f}, eval_ppl {ppl:.2f} ({eval_tokens} tokens)")
         return row
 
+    def log_eval_values(self, step: int, **values: float) -> dict:
+        """An eval row of named values (preference tuning: loss and rewards), each as eval_<name>."""
+        row = {"step": step, **{f"eval_{k}": _finite(v) for k, v in values.items()}}
+        self._write(row)
+        if self.tb is not None:
+            for k, v in values.items():
+                if v is not None and math.isfinite(v):
+                    self.tb.add_scalar(f"eval/{k}", v, step)
+        self.message(f"step {step}: " + ", ".join(f"eval_{k} {v:.4f}" for k, v in values.items()))
+        return row
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
@@ -174,6 +185,9 @@ class QuietLogger:
 
     def log_eval(self, step: int, eval_loss: float, eval_tokens: int) -> dict:
         return {"step": step, "eval_loss": eval_loss, "eval_tokens": eval_tokens}
+
+    def log_eval_values(self, step: int, **values: float) -> dict:
+        return {"step": step, **{f"eval_{k}": v for k, v in values.items()}}
 
     def advance(self, n: int = 1) -> None:
         pass
