@@ -1,7 +1,7 @@
 """A QLoRA DPO step on real Magistral Small shapes with random weights: magistune beside TRL's DPOTrainer.
 
     python bench/dpo_step.py --side magistune|trl [--prompt 1024 --answer 1024] [--layers 40] [--steps 4]
-        [--tiny] [--out bench_dpo_step.jsonl]
+        [--dropout 0.05] [--tiny | --tiny-nf4] [--out bench_dpo_step.jsonl]
 
 One preference pair per micro-batch: a prompt of --prompt tokens, a chosen and a rejected answer of --answer
 tokens each (the last one `</s>`), random ids (the same ones for both sides). A step trains on both sequences,
@@ -14,8 +14,9 @@ LoRA dropout --dropout on both: TRL's disable_dropout, on by default, is turned 
                with the adapter disabled, one extra no-grad forward of both sequences), on strings of a word-level
                tokenizer built here in which every id is one word, so its tokenisation gives exactly our ids
                (checked). TRL 1.16 has no max_prompt_length: max_length = prompt + answer truncates nothing.
-    magistune  apply_lora + magistune.train.preference_step's forward/backward (the prompt encoded once for both
-               answers) + the optimizer of build_optimizer, as the preference recipe runs it.
+    magistune  model.adapt_model (LoRA, checkpointing) + train.preference_step's shared-prompt row (the prompt
+               encoded once for both answers; reference = reference_pair_logps, the same row with the adapter
+               disabled, no grad) + build_optimizer's 8-bit AdamW, as train/dpo.py runs a step.
 --tiny: the tiny model on CPU (LoRA without 4-bit, adamw_torch, fp32): a smoke test of this script, both sides;
 --tiny-nf4 the same with the tiny model in NF4 (TRL then takes its quantised-model path: adapters cast to bf16).
 Timing: --warmup steps (untimed), then --steps timed; peak = torch.cuda.max_memory_allocated after the warm-up.
@@ -122,9 +123,9 @@ def trl_side(args, model, pairs, device: torch.device) -> dict:
     tok = word_tokenizer(model.config.get_text_config().vocab_size,
                          {"<unk>": 0, "<s>": ids.bos_token_id, "</s>": ids.eos_token_id, "<pad>": ids.pad_token_id})
 
-    def text(seq: list[int]) -> str:  # the answers end in eos, which TRL then leaves alone (add_eos)
-        return " ".join(tok.convert_ids_to_tokens(seq[:-1] if seq[-1] == tok.eos_token_id else seq)) \
-            + ("</s>" if seq[-1] == tok.eos_token_id else "")
+    def text(seq: list[int]) -> str:  # an answer ends in "</s>", which TRL's add_eos then leaves alone
+        body, end = (seq[:-1], "</s>") if seq[-1] == tok.eos_token_id else (seq, "")
+        return " ".join(tok.convert_ids_to_tokens(body)) + end
 
     data = Dataset.from_dict({"prompt": [text(p) for p, _, _ in pairs],
                               "chosen": [" " + text(c) for _, c, _ in pairs],
