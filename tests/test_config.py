@@ -411,6 +411,9 @@ def test_rl_keys_and_defaults(tmp_path):
     ("rl: orpo\nprecompute_ref_log_probs: true\n", "rl: orpo uses no reference model"),
     ("rl: dpo\ndatasets: [{path: d.jsonl, type: messages}]\n", "datasets[0].type: messages is the SFT messages format"),
     ("rl: dpo\ndatasets: [{path: d.jsonl, train_on_inputs: true}]\n", "datasets[0].train_on_inputs: not used with rl: dpo"),
+    ("rl: dpo\nsample_packing: true\n", "sample_packing: not supported with rl yet"),
+    ("rl: orpo\nactivation_offloading: true\n", "activation_offloading: not supported with rl yet"),
+    ("rl: kto\nprecompute_ref_log_probs: false\n", "a full fine-tune with rl: kto has no other reference"),
 ])
 def test_rl_errors(tmp_path, text, needle):
     base = "base_model: tiny-random\n" + ("" if "datasets" in text else "datasets: [{path: data.jsonl}]\n")

@@ -25,3 +25,16 @@ def test_demo_data_resolves_next_to_the_config():
     cfg, _ = load_config(EXAMPLES / "demo-tiny.yaml")
     assert cfg.resolve(cfg.datasets[0].path).is_file()
     assert cfg.base_model == "tiny-random"
+
+
+@pytest.mark.parametrize("name", ["demo-tiny-dpo.yaml", "magistral-small-2507-think-dpo.yaml"])
+def test_preference_examples_data_is_valid(name, tmp_path):
+    """The DPO examples' pairs are all valid records (encoded with tiny-random's v13 tokenizer)."""
+    from magistune.data.build import validate_data
+
+    cfg, _ = load_config(EXAMPLES / name)
+    assert cfg.rl == "dpo" and cfg.resolve(cfg.datasets[0].path).is_file()
+    path = str(cfg.resolve(cfg.datasets[0].path))
+    cfg = cfg.model_copy(update={"base_model": "tiny-random", "output_dir": str(tmp_path / "out"),
+                                 "datasets": [cfg.datasets[0].model_copy(update={"path": path})]})
+    assert validate_data(cfg) == 0

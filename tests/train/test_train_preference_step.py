@@ -167,3 +167,40 @@ def test_flash_attention_is_refused_with_a_reason():
     assert shared_row_unsupported(model) is None
     model.config._attn_implementation = "flash_attention_2"
     assert "sdpa" in shared_row_unsupported(model)
+
+
+def test_shared_row_with_an_image_equals_two_plain_forwards(tmp_path):
+    """Mistral3 (tiny-random-vision): the prompt's image is encoded once per row; both answers' log-probs equal
+    those of plain forwards of prompt + answer with the image."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    from magistune.data.encode import ConversationEncoder
+    from magistune.data.images import ImageOptions
+    from magistune.data.preference import PreferenceEncoder, split_record, to_sample
+    from magistune.data.records import RecordOptions
+    from magistune.data.sample import Sample
+    from magistune.model_files import materialize_tiny
+    from magistune.tokenizer import SpecialIds, load_tokenizer, tiny_tokenizer_path
+    from magistune.train.batches import collate
+    from test_train_vision_batches import _png
+
+    (tmp_path / "a.png").write_bytes(_png((56, 84), 0))
+    tok = load_tokenizer(tiny_tokenizer_path())
+    record = {"prompt": [{"role": "user", "content": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "what?"}]}],
+              "chosen": [{"role": "assistant", "content": "noise"}], "rejected": [{"role": "assistant", "content": "a cat"}]}
+    opts = RecordOptions(supports_images=True, images=ImageOptions(base_dir=tmp_path))
+    rec = split_record(record, kto=False)
+    pair = to_sample(rec, PreferenceEncoder(ConversationEncoder(tok), opts).encode(rec), "mem:0")
+    assert len(pair.images) == 1
+    pad, enc = SpecialIds.of(tok).pad, tok.instruct_tokenizer.image_encoder
+    model = Mistral3ForConditionalGeneration.from_pretrained(materialize_tiny("tiny-random-vision"), dtype=torch.float32)
+    model.config.text_config._attn_implementation = "sdpa"
+    out = pair_logps(model, collate_pairs([pair], pad, enc))
+    for got, ids, labels in ((out.chosen, pair.chosen_input_ids, pair.chosen_labels),
+                             (out.rejected, pair.rejected_input_ids, pair.rejected_labels)):
+        batch = collate([Sample(ids, labels, "x", pair.images)], pad, enc)
+        with torch.no_grad():
+            logits = model(**batch.model_inputs()).logits[0, :-1].float()
+        y = batch.labels[0, 1:]
+        want = torch.log_softmax(logits, -1)[y != -100].gather(1, y[y != -100][:, None]).sum()
+        torch.testing.assert_close(got[0].detach(), want, rtol=1e-5, atol=1e-5)

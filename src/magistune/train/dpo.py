@@ -36,7 +36,7 @@ from magistune.train.launch import single_process_notes
 from magistune.train.metrics import MetricsLogger, Printer, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
 from magistune.train.preference_ref import model_key, reference_table, table_path
-from magistune.train.preference_step import (PreferenceTotals, collate_kto, collate_pairs, disabled_adapters,
+from magistune.train.preference_step import (PairLogps, PreferenceTotals, collate_kto, collate_pairs, disabled_adapters,
                                              example_loss, kto_kl_rows, kto_rows_kl, pair_logps, pair_loss,
                                              reference_pair_logps, sample_logps, shared_row_unsupported)
 from magistune.train.preflight import autocast_for, oom_advice, preflight, seed_everything, write_resolved_config
@@ -68,9 +68,8 @@ class PreferenceStream(StepStream):
         self.kto = kto
 
     def collate(self, idx: list[int]):
-        chosen = [self.samples[i] for i in idx]
         collate = collate_kto if self.kto else collate_pairs
-        return idx, collate(chosen, self.pad_id, self.image_encoder)
+        return idx, collate([self.samples[i] for i in idx], self.pad_id, self.image_encoder)
 
 
 class DPO:
@@ -148,7 +147,7 @@ class DPO:
         resume, n_train = self.pre.resume, len(self.data.train)
         if resume is not None:
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)  # RNG restored last
-            if state.get("n_train_samples") != n_train or state.get("rl", self.cfg.rl) != self.cfg.rl:
+            if state.get("n_train_samples") != n_train or state.get("rl") != self.cfg.rl:
                 raise ckpt.CheckpointError(
                     f"{resume} was trained with rl: {state.get('rl')} on {state.get('n_train_samples')} {self.unit}, "
                     f"the run now has rl: {self.cfg.rl} and {n_train}: the data position cannot be restored. Start a "
@@ -191,8 +190,9 @@ class DPO:
         ref = None
         if cfg.rl in PAIR_REFERENCE:
             if self.table is not None:
-                ref = type(policy)(self.table[f"{split}.chosen"][rows].to(policy.chosen.device),
-                                   self.table[f"{split}.rejected"][rows].to(policy.chosen.device), None, None)
+                device = policy.chosen.device
+                ref = PairLogps(self.table[f"{split}.chosen"][rows].to(device),
+                                self.table[f"{split}.rejected"][rows].to(device), None, None)
             else:
                 ref = reference_pair_logps(model, batch, self.cce)
         return pair_loss(cfg, policy, ref)
@@ -275,15 +275,15 @@ class DPO:
             self.log_window(lr, grad_norm)
 
     def log_window(self, lr: float, grad_norm: float) -> None:
-        step, w = self.step, self.window
+        step, w, stats = self.step, self.window, self.window.stats()
         row = self.log.log_train(
-            step, epoch=round(self.position.epoch + self.position.step / self.spe, 4), **w.stats(), lr=lr,
+            step, epoch=round(self.position.epoch + self.position.step / self.spe, 4), **stats, lr=lr,
             grad_norm=grad_norm, tokens_per_s=round(w.n_tokens / max(w.seconds, 1e-9), 1), pairs=w.n_items,
             peak_mem_gb=round(peak_memory_gb(self.device), 3))
         if self.log.bar is None:
             eta = (self.total - step) * self.run_seconds / self.run_steps
             self.log.message(f"step {step}/{self.total}: loss {row['loss']:.4f}, reward accuracy "
-                             f"{w.stats()['reward_accuracy']:.2f}, margin {w.stats()['reward_margin']:.3f}, lr {lr:.3g}, "
+                             f"{stats['reward_accuracy']:.2f}, margin {stats['reward_margin']:.3f}, lr {lr:.3g}, "
                              f"grad_norm {grad_norm:.3f}, {row['tokens_per_s']:.0f} tok/s, ETA {eta:.0f}s")
         self.window = PreferenceTotals()
 

@@ -5,7 +5,9 @@ metrics.jsonl has one JSON object a line, flushed as it is written:
      "trained_tokens": 3012, "peak_mem_gb": 17.2}
     {"step": 20, "eval_loss": 2.05, "eval_ppl": 7.77, "eval_tokens": 4096}
 `loss` is the token mean over the logging window (logging_steps steps); `trained_tokens` counts the window's
-trained tokens. peak_mem_gb is the CUDA allocator's peak, or on the CPU the process's peak resident memory.
+trained tokens. Preference runs (train/dpo.py) write `loss` (the mean over pairs), `reward_chosen`,
+`reward_rejected`, `reward_margin`, `reward_accuracy` and `pairs` instead, and eval rows `eval_loss`, `eval_reward_*`
+(log_eval_values). peak_mem_gb is the CUDA allocator's peak, or on the CPU the process's peak resident memory.
 
 Messages go to stderr through a `Printer`: one process prints everything; of torchrun's N, rank 0 prints
 everything and the others only their errors, prefixed with their rank (their metrics logger is a QuietLogger).

@@ -25,7 +25,7 @@ says so before training (shared_row_unsupported).
 
 Reference log-probs. With an adapter, the same model with its adapters switched off (PeftModel.disable_adapter())
 under no_grad: no second copy of the weights. A full fine-tune reads them from a table precomputed before step 1
-(reference.py-style caching lives in the recipe, train/dpo.py).
+(preference_ref.py; train/dpo.py looks them up by sample index).
 
 KTO rows are prompt + completion, one per example (no sharing), padded as SFT's batches.collate pads them.
 """
