@@ -20,7 +20,12 @@ def _load(path: str) -> Config:
 def cmd_validate_data(args: argparse.Namespace) -> int:
     from magistune.data.build import validate_data
 
-    return validate_data(_load(args.config))
+    cfg = _load(args.config)
+    if cfg.rl == "grpo":
+        from magistune.data.prompts import validate_prompts
+
+        return validate_prompts(cfg)
+    return validate_data(cfg)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -30,6 +35,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from magistune.paths import check_writable_dir
 
     cfg = _load(args.config)
+    if cfg.rl == "grpo":
+        raise ConfigError("rl: grpo: prompts are encoded when training starts (seconds; nothing to cache); check them "
+                          "with `magistune validate-data`")
     # The folders preprocess writes, checked first (the same check as train's output_dir): the cache, and
     # output_dir for rejects.jsonl when bad records are skipped.
     check_writable_dir(cfg.prepared_dir, prepared_dir_key(cfg))
@@ -42,7 +50,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _no_preference_recipe_yet(cfg: Config) -> None:
-    if cfg.rl is not None:
+    if cfg.rl is not None and cfg.rl != "grpo":
         raise ConfigError(f"rl: {cfg.rl}: preference training is not implemented yet in `magistune train` (the "
                           "preference data and losses are ready: `magistune validate-data` and `preprocess` work "
                           "on it); remove rl to fine-tune on chat data")
@@ -56,6 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, env = _load(args.config), torchrun_env()
     _no_preference_recipe_yet(cfg)
+    if cfg.rl == "grpo":
+        _grpo_single_process(cfg, env)
+        from magistune.train.grpo import train as train_grpo
+
+        return train_grpo(cfg)
     mode = distributed_mode(cfg, env)
     if mode is None:
         from magistune.train.sft import train
@@ -64,6 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from magistune.train.sft_distributed import train
 
     return train(cfg, env, mode)
+
+
+def _grpo_single_process(cfg: Config, env=None, nproc: int | None = None) -> None:
+    if env is not None or (nproc or 1) > 1 or cfg.fsdp or cfg.ddp:
+        raise ConfigError("rl: grpo is not implemented yet on several GPUs (torchrun, --nproc, fsdp, ddp): run it in "
+                          "one process, `magistune train CONFIG`")
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -77,7 +96,10 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc must be >= 1")
     if torchrun_env() is not None:
         raise ConfigError("--nproc: this process was already started by torchrun; drop --nproc")
-    _no_preference_recipe_yet(_load(args.config))  # a bad config fails here, before N processes start
+    cfg = _load(args.config)
+    _no_preference_recipe_yet(cfg)  # a bad config fails here, before N processes start
+    if cfg.rl == "grpo":
+        _grpo_single_process(cfg, nproc=args.nproc)
     command = launch_command(args.config, args.nproc)
     print(f"launching: torchrun --standalone --nproc-per-node {args.nproc} -m magistune train {args.config}",
           file=sys.stderr, flush=True)

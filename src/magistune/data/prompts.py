@@ -148,3 +148,22 @@ def check_prompt_data(cfg: Config, data: PromptData, say=lambda m: print(m, file
     if not data.prompts:
         raise DataError(f"no prompt is left to train on ({data.records} records, {len(data.rejected)} bad, "
                         f"{len(data.dropped)} too long)")
+
+
+def validate_prompts(cfg: Config) -> int:
+    """`magistune validate-data` with rl: grpo: every prompt record checked and encoded; exit 1 if any is bad."""
+    from magistune.data.build import resolve_tokenizer_file
+    from magistune.tokenizer import TokenizerError
+
+    try:
+        data = load_prompts(cfg, load_prompt_tokenizer(resolve_tokenizer_file(cfg)))
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lengths = sorted(len(p.ids) for p in data.prompts)
+    print(f"{data.records} prompt records: {len(data.prompts)} kept, {len(data.rejected)} bad, {len(data.dropped)} too "
+          f"long" + (f"; prompt tokens {lengths[0]}–{lengths[-1]} (median {lengths[len(lengths) // 2]})" if lengths
+                     else ""))
+    for r in data.rejected[:50] + data.dropped[:20]:
+        print(f"  {r.source}: {r.reason}: {r.message}")
+    return 1 if data.rejected else 0
