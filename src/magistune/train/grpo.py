@@ -101,6 +101,10 @@ class GRPO:
         self.data = load_prompts(cfg, self.tokenizer)
         check_prompt_data(cfg, self.data, say)
         self.reward_funcs = load_reward_funcs(cfg, self.special)
+        missing = [p.source for p in self.data.prompts if p.columns.get("answer") is None]
+        if "boxed_math" in trl.reward_funcs and missing:
+            raise DataError(f"trl.reward_funcs: boxed_math compares with the records' `answer` column, which "
+                            f"{len(missing)} record(s) lack: {', '.join(missing[:5])}")
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()
         write_resolved_config(cfg, self.pre.model_dir)
