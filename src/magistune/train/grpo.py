@@ -92,8 +92,9 @@ class GRPO:
         self.pre = preflight(cfg)
         for note in single_process_notes(cfg) + self.pre.notes:
             say(f"note: {note}")
-        if cfg.val_set_size:
-            say("note: val_set_size: not used with rl: grpo (no held-out loss; see the rewards in metrics.jsonl)")
+        unused = [k for k in ("val_set_size", "eval_steps", "evals_per_epoch") if getattr(cfg, k)]
+        if unused:
+            say(f"note: {', '.join(unused)}: not used with rl: grpo (no held-out loss; the rewards are in metrics.jsonl)")
         seed_everything(cfg.seed)
         self.tokenizer_file = resolve_tokenizer_file(cfg)
         self.tokenizer = load_prompt_tokenizer(self.tokenizer_file)
