@@ -364,10 +364,11 @@ def test_every_config_key_is_documented():
     """docs/config.md documents every key of the schema (top level and datasets[])."""
     from pathlib import Path
 
-    from magistune.config import Config, DatasetConfig
+    from magistune.config import Config, DatasetConfig, TRLConfig
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     keys = [k for k in Config.model_fields if k != "config_dir"] + list(DatasetConfig.model_fields)
+    keys += list(TRLConfig.model_fields)
     missing = [k for k in keys if f"`{k}`" not in doc]
     assert not missing, f"undocumented config keys: {missing}"
 
@@ -405,7 +406,7 @@ def test_rl_keys_and_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("rl: grpo\n", "rl: Input should be 'dpo', 'ipo', 'orpo', 'simpo' or 'kto'"),
+    ("rl: ppo\n", "rl: Input should be 'dpo', 'ipo', 'orpo', 'simpo', 'kto' or 'grpo'"),
     ("rl: dpo\nrl_beta: 0\n", "rl_beta: Input should be greater than 0"),
     ("rl: dpo\ndpo_label_smoothing: 0.5\n", "dpo_label_smoothing: Input should be less than 0.5"),
     ("rl: orpo\nprecompute_ref_log_probs: true\n", "rl: orpo uses no reference model"),
@@ -418,3 +419,29 @@ def test_rl_keys_and_defaults(tmp_path):
 def test_rl_errors(tmp_path, text, needle):
     base = "base_model: tiny-random\n" + ("" if "datasets" in text else "datasets: [{path: data.jsonl}]\n")
     assert needle in _error(tmp_path, base + text)
+
+
+# --- RL with verifiable rewards (rl: grpo, trl:) -----------------------------------------------------------------
+
+def test_grpo_defaults_are_magistrals_recipe(tmp_path):
+    trl = _load(tmp_path, BASE + "rl: grpo\n")[0].trl
+    assert (trl.num_generations, trl.max_completion_length, trl.temperature, trl.top_p) == (8, 1024, 0.7, 0.95)
+    assert (trl.num_iterations, trl.epsilon, trl.epsilon_high, trl.beta) == (1, 0.2, 0.28, 0.0)
+    assert (trl.loss_type, trl.reward_scaling, trl.mask_truncated_completions) == ("magistral", "minibatch", False)
+    trl = _load(tmp_path, BASE + "rl: grpo\ntrl: {loss_type: dr_grpo, scale_rewards: false}\n")[0].trl
+    assert trl.reward_scaling == "none"
+    assert _load(tmp_path, BASE + "rl: grpo\ntrl: {loss_type: grpo}\n")[0].trl.reward_scaling == "group"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("rl: grpo\ntrl: {num_generatons: 4}\n", "trl.num_generatons: unknown key; did you mean 'num_generations'?"),
+    ("trl: {temperature: 1.0}\n", "trl: holds GRPO's settings; set rl: grpo"),
+    ("rl: grpo\ntrl: {scale_rewards: group}\n", "loss_type magistral normalises the advantages"),
+    ("rl: grpo\ntrl: {loss_type: grpo, beta: 0.1}\n", "trl.beta > 0 needs adapter: lora or qlora"),
+    ("rl: grpo\ntrl: {epsilon_high: 0.1}\n", "epsilon_high (0.1) must be >= epsilon (0.2)"),
+    ("rl: grpo\ntrl: {num_generations: 1}\n", "trl.num_generations: Input should be greater than or equal to 2"),
+    ("rl: grpo\ntrl: {reward_funcs: [a.b, c.d], reward_weights: [1]}\n", "reward_weights has 1 values for 2"),
+    ("rl: grpo\ntrl: {loss_type: ppo}\n", "trl.loss_type: Input should be 'magistral', 'grpo', 'dr_grpo' or 'dapo'"),
+])
+def test_grpo_errors(tmp_path, text, needle):
+    assert needle in _error(tmp_path, BASE + text)

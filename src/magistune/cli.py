@@ -20,7 +20,12 @@ def _load(path: str) -> Config:
 def cmd_validate_data(args: argparse.Namespace) -> int:
     from magistune.data.build import validate_data
 
-    return validate_data(_load(args.config))
+    cfg = _load(args.config)
+    if cfg.rl == "grpo":
+        from magistune.data.prompts import validate_prompts
+
+        return validate_prompts(cfg)
+    return validate_data(cfg)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -30,6 +35,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from magistune.paths import check_writable_dir
 
     cfg = _load(args.config)
+    if cfg.rl == "grpo":
+        raise ConfigError("rl: grpo: prompts are encoded when training starts (seconds; nothing to cache); check them "
+                          "with `magistune validate-data`")
     # The folders preprocess writes, checked first (the same check as train's output_dir): the cache, and
     # output_dir for rejects.jsonl when bad records are skipped.
     check_writable_dir(cfg.prepared_dir, prepared_dir_key(cfg))
@@ -41,16 +49,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return preprocess(cfg, dump=args.dump)
 
 
-MULTI_GPU_RL = "preference training on several GPUs is not implemented yet; run it in one process"
+def multi_gpu_rl(rl: str) -> str:
+    what = "GRPO" if rl == "grpo" else "preference training"
+    return f"rl: {rl}: {what} on several GPUs is not implemented yet; run it in one process"
 
 
 def _one_process_rl(cfg: Config, processes: int) -> None:
     if cfg.rl is not None and processes > 1:
-        raise ConfigError(f"rl: {cfg.rl}: {MULTI_GPU_RL} (without --nproc / torchrun)")
+        raise ConfigError(f"{multi_gpu_rl(cfg.rl)} (without --nproc / torchrun)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """One process: train/sft.py (train/dpo.py with rl:). One of torchrun's processes (FSDP2 / DDP):
+    """One process: train/sft.py (train/dpo.py with a preference rl:, train/grpo.py with rl: grpo). One of torchrun's processes (FSDP2 / DDP):
     train/sft_distributed.py."""
     if args.nproc is not None:
         return _launch_torchrun(args)
@@ -61,8 +71,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     mode = distributed_mode(cfg, env)
     if cfg.rl is not None:
         if mode is not None:  # torchrun with fsdp/ddp: the sharded recipe has no preference loop yet
-            raise ConfigError(f"rl: {cfg.rl}: {MULTI_GPU_RL} (drop fsdp/ddp)")
-        from magistune.train.dpo import train
+            raise ConfigError(f"{multi_gpu_rl(cfg.rl)} (drop fsdp/ddp)")
+        if cfg.rl == "grpo":
+            from magistune.train.grpo import train
+        else:
+            from magistune.train.dpo import train
 
         return train(cfg)
     if mode is None:
@@ -72,6 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from magistune.train.sft_distributed import train
 
     return train(cfg, env, mode)
+
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:

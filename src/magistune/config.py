@@ -49,6 +49,50 @@ class DatasetConfig(_Strict):
     system_prompt: str | None = None
 
 
+class TRLConfig(_Strict):
+    """`trl:` (with `rl: grpo`): TRL's GRPOConfig key names and meanings; loss_type `magistral` (the default) is
+    the Magistral paper's recipe (train/grpo_loss.py)."""
+
+    num_generations: int = Field(default=8, ge=2)  # G completions per prompt
+    max_completion_length: int = Field(default=1024, ge=1)  # new tokens per completion, thinking and </s> included
+    temperature: float = Field(default=0.7, gt=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    num_iterations: int = Field(default=1, ge=1)  # μ: optimizer steps on each batch of rollouts
+    epsilon: float = Field(default=0.2, gt=0, lt=1)  # ratio clipped below at 1 − ε
+    epsilon_high: float | None = 0.28  # … and above at 1 + ε_high (clip-higher); None: ε
+    beta: float = Field(default=0.0, ge=0)  # KL weight; 0: no reference model
+    loss_type: Literal["magistral", "grpo", "dr_grpo", "dapo"] = "magistral"
+    scale_rewards: Literal["group", "batch", "none"] | bool | None = None  # None: "group" (not with magistral)
+    mask_truncated_completions: bool = False  # completions without </s> are not trained
+    reward_funcs: list[str] = Field(default_factory=lambda: ["magistral_format", "boxed_math"], min_length=1)
+    reward_weights: list[float] | None = None  # None: 1 each
+    overlong_cache: int | None = Field(default=None, ge=1)  # overlong_penalty's L_cache (None: max_completion_length // 5)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TRLConfig":
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ValueError(f"epsilon_high ({self.epsilon_high}) must be >= epsilon ({self.epsilon})")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                             "reward_funcs")
+        if self.loss_type == "magistral" and self.scale_rewards is not None:
+            raise ValueError("scale_rewards: loss_type magistral normalises the advantages over the minibatch itself; "
+                             "remove scale_rewards (or pick loss_type grpo, dr_grpo or dapo)")
+        if self.loss_type == "magistral" and self.beta > 0:
+            raise ValueError("beta: loss_type magistral has no KL term (beta: 0); pick loss_type grpo, dr_grpo or "
+                             "dapo for a KL penalty")
+        return self
+
+    @property
+    def reward_scaling(self) -> str:
+        """"group", "batch" or "none" (TRL's True/False spelled out); magistral: "minibatch"."""
+        if self.loss_type == "magistral":
+            return "minibatch"
+        if self.scale_rewards is None or self.scale_rewards is True:
+            return "group"
+        return "none" if self.scale_rewards is False else self.scale_rewards
+
+
 class Config(_Strict):
     # --- model and tokenizer -------------------------------------------------------------------
     base_model: str
@@ -121,7 +165,7 @@ class Config(_Strict):
     liger_rms_norm: bool = False  # RMSNorm in liger's Triton kernel (CUDA)
 
     # --- preference tuning (issue 13): TRL's meanings and defaults, Axolotl's key names ---------
-    rl: Literal["dpo", "ipo", "orpo", "simpo", "kto"] | None = None  # None: supervised fine-tuning
+    rl: Literal["dpo", "ipo", "orpo", "simpo", "kto", "grpo"] | None = None  # None: supervised fine-tuning
     rl_beta: float = Field(default=0.1, gt=0)  # DPO/IPO/KTO β; ORPO's λ; SimPO's β
     dpo_label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # conservative DPO (also SimPO)
     simpo_gamma: float = Field(default=0.5, ge=0)  # SimPO's target reward margin γ
@@ -129,6 +173,7 @@ class Config(_Strict):
     kto_desirable_weight: float = Field(default=1.0, gt=0)
     kto_undesirable_weight: float = Field(default=1.0, gt=0)
     precompute_ref_log_probs: bool | None = None  # None: true for a full fine-tune of DPO/IPO/KTO, else false
+    trl: TRLConfig | None = None  # rl: grpo's settings (issue 14); None with grpo: every default
 
     # --- multi-GPU: torchrun, one process per GPU (docs/multi-gpu.md) --------------------------
     fsdp: bool = False  # FSDP2: weights, gradients and optimizer state sharded over the GPUs (Axolotl's list form too)
@@ -219,14 +264,37 @@ class Config(_Strict):
         if self.activation_offloading and not self.gradient_checkpointing:
             self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
         self._check_preference()
+        self._check_grpo()
         if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
             raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
                              "drop them, or use ddp: true")
         return self
 
+    def _check_grpo(self) -> None:
+        """rl: grpo trains on its own completions: the SFT label options mean nothing, and `trl:` belongs to it."""
+        if self.rl != "grpo":
+            if self.trl is not None:
+                raise ValueError("trl: holds GRPO's settings; set rl: grpo (or remove trl)")
+            return
+        if self.trl is None:
+            self.trl = TRLConfig()
+        for i, ds in enumerate(self.datasets):
+            if ds.type != "chat_template":
+                raise ValueError(f"datasets[{i}].type: {ds.type}: rl: grpo reads TRL's prompt records "
+                                 "({\"prompt\": [messages], ...columns}) with type: chat_template")
+            for key, default in (("train_on", "all_assistant"), ("train_thinking", True), ("train_on_inputs", False)):
+                if getattr(ds, key) != default:
+                    raise ValueError(f"datasets[{i}].{key}: not used with rl: grpo (the model's own completions "
+                                     "are trained)")
+        if self.trl.beta > 0 and self.adapter is None:
+            raise ValueError("trl.beta > 0 needs adapter: lora or qlora (the reference is the model with its adapters "
+                             "disabled); a frozen copy for a full fine-tune is not implemented")
+        if self.sample_packing:
+            raise ValueError("sample_packing: not used with rl: grpo (rollouts are padded batches)")
+
     def _check_preference(self) -> None:
         """Dataset options that have no meaning for preference data, and the reference model's default."""
-        if self.rl is None:
+        if self.rl is None or self.rl == "grpo":
             return
         for i, ds in enumerate(self.datasets):
             if ds.type != "chat_template":
@@ -308,6 +376,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path
         for i, d in enumerate(datasets):
             if isinstance(d, dict):
                 errors += _check_keys(d, DatasetConfig, f"datasets[{i}].", notes)
+    if isinstance(raw.get("trl"), dict):
+        raw["trl"] = dict(raw["trl"])
+        errors += _check_keys(raw["trl"], TRLConfig, "trl.", notes)
     if errors:
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(errors))
     try:
