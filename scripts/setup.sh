@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv/ in the repository root and installs magistune with its test and plotting extras.
+# Creates .venv/ in the repository root and installs magistune with its test, plotting and RL (math-verify) extras.
 # On a CPU machine torch is pinned to 2.13.0 (a CPU build); an existing torch in the venv is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
 fi
-.venv/bin/python -m pip install -q -e ".[extras,test]" 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q -e ".[extras,test,rl]" 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c "import magistune, torch, transformers, peft, mistral_common; print('magistune', magistune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| mistral-common', mistral_common.__version__)"
