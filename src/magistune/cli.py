@@ -121,9 +121,15 @@ def _sampling(args: argparse.Namespace):
 
 
 def _system_prompt(args: argparse.Namespace, source) -> str | None:
-    from magistune.data.sources import config_system_prompt
+    """--no-system-prompt, --system, the config's, else the SYSTEM_PROMPT.txt kept with what was trained (adapter
+    or full model folder), else the base model's (model_files/system_prompt.py)."""
+    from magistune.model_files.system_prompt import base_model_folder, resolve_system_prompt
 
-    return args.system if args.system is not None else config_system_prompt(source.cfg)
+    if args.no_system_prompt:
+        return None
+    if args.system is not None:
+        return args.system
+    return resolve_system_prompt(source.cfg, [source.adapter_dir, source.model_dir, base_model_folder(source.cfg)])
 
 
 def _say_loading(source) -> None:
@@ -282,7 +288,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 CHAT_HELP = """input: Enter sends the line; end a line with a backslash to continue it on the next; a line of three
 double quotes starts a block that the next such line ends.
 commands: /reset (forget the conversation), /system TEXT (set the system prompt), /system (remove it),
-/help, /quit or /exit (or Ctrl-D). Ctrl-C stops an answer and drops that turn."""
+/image PATH (attach an image to the next message; vision models), /help, /quit or /exit (or Ctrl-D). Ctrl-C stops an answer and drops that turn."""
 
 
 def _model_args(s: argparse.ArgumentParser) -> None:
@@ -298,6 +304,13 @@ def _sampling_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     s.add_argument("--max-tokens", type=int, default=40960, help="new tokens per answer, thinking included (default 40960)")
     s.add_argument("--seed", type=int, help="seed the sampler for reproducible output")
+
+
+def _system_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--system", help="system prompt for conversations without one (default: the config's "
+                                    "system_prompt / system_prompt_file, else the model's SYSTEM_PROMPT.txt)")
+    g.add_argument("--no-system-prompt", action="store_true", help="no default system prompt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(s)
     _sampling_args(s)
-    s.add_argument("--system", help="system prompt (default: the config's system_prompt / system_prompt_file)")
+    _system_args(s)
     s.add_argument("--hide-thinking", action="store_true", help='print "[thinking… N tokens]" instead of the thinking')
     s.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="dim the thinking with ANSI codes (auto: when stdout is a terminal and NO_COLOR is unset)")
@@ -341,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, metavar="PROMPTS.jsonl", help="one {\"messages\": [...]} per line, last turn user")
     s.add_argument("--output", required=True, metavar="OUT.jsonl")
     s.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
-    s.add_argument("--system", help="system prompt for conversations without one (default: the config's)")
+    _system_args(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("evaluate", help="loss and perplexity, with the training masks and normalisation")

@@ -17,6 +17,7 @@ from magistune.export.names import param_names
 from magistune.model.load import check_model_dir
 from magistune.model_files.native import hf_to_native_names, rotary_heads, to_native
 from magistune.model_files.shards import TensorReader, TensorSpec, checkpoint_files, read_specs, write_safetensors
+from magistune.model_files.system_prompt import SYSTEM_PROMPT_FILE
 from magistune.tokenizer import find_tokenizer_file
 
 
@@ -91,3 +92,5 @@ def hf_to_native(model_dir: Path, out_dir: Path, tokenizer_file: Path | None = N
 def _copy_tokenizer(model_dir: Path, out_dir: Path, tokenizer_file: Path | None) -> None:
     src = Path(tokenizer_file) if tokenizer_file else find_tokenizer_file(model_dir)
     shutil.copyfile(src, out_dir / src.name)
+    if (model_dir / SYSTEM_PROMPT_FILE).is_file():  # Mistral's folders carry it too
+        shutil.copyfile(model_dir / SYSTEM_PROMPT_FILE, out_dir / SYSTEM_PROMPT_FILE)

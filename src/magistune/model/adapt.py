@@ -30,6 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from magistune.config import Config
 from magistune.model.load import ModelError
 from magistune.model.parts import decoder_prefix, in_decoder, vision_parts
+from magistune.model_files.system_prompt import resolve_system_prompt, write_prompt_file
 
 # Module types LoRA can wrap (bitsandbytes' Linear4bit is an nn.Linear).
 LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv2d)
@@ -146,7 +147,8 @@ def save_trained(model: nn.Module, out_dir: str | Path, cfg: Config, tokenizer_f
 
     Adapters: adapter_config.json + adapter_model.safetensors (the base model is not copied).
     Full fine-tuning: config.json + model*.safetensors, loadable with from_pretrained.
-    `tokenizer_file` (tekken.json) is copied next to them, so the folder can be used as a base_model.
+    `tokenizer_file` (tekken.json) is copied next to them, so the folder can be used as a base_model, and the
+    system prompt the data was encoded with is kept as SYSTEM_PROMPT.txt, so inference uses the same one.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,4 +160,5 @@ def save_trained(model: nn.Module, out_dir: str | Path, cfg: Config, tokenizer_f
         model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out_dir / Path(tokenizer_file).name)
+    write_prompt_file(out_dir, resolve_system_prompt(cfg))
     return out_dir
