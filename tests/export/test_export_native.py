@@ -40,7 +40,10 @@ def native_dir(tiny_dir, tmp_path_factory):
 def test_native_layout(native_dir, tiny_dir):
     params = json.loads((native_dir / "params.json").read_text())
     assert params == {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2,
-                      "norm_eps": 1e-05, "vocab_size": 131072, "rope_theta": 1e9, "max_seq_len": 40960}
+                      "norm_eps": 1e-05, "vocab_size": 131072, "rope_theta": 1e9, "max_seq_len": 40960,
+                      "max_position_embeddings": 40960, "tied_embeddings": False}
+    # vLLM's Mistral format takes the context from max_position_embeddings (128,000 when it is absent)
+    assert params["max_position_embeddings"] == json.loads((tiny_dir / "config.json").read_text())["max_position_embeddings"]
     names = tensors([native_dir / "consolidated.safetensors"]).keys()
     expected = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
         f"layers.{i}.{n}.weight" for i in range(2) for n in

@@ -40,7 +40,9 @@ def text_config(model_dir: Path, what: str) -> MistralConfig:
 
 
 def native_params(config: MistralConfig) -> dict:
-    """params.json as mistral-inference's TransformerArgs reads it."""
+    """params.json as mistral-inference's TransformerArgs and vLLM's Mistral format read it. vLLM takes the
+    context length from `max_position_embeddings` (128,000 when absent, whatever the model was trained for),
+    mistral-inference from `max_seq_len`: both are written, from the config's max_position_embeddings."""
     params = {
         "dim": config.hidden_size,
         "n_layers": config.num_hidden_layers,
@@ -52,6 +54,8 @@ def native_params(config: MistralConfig) -> dict:
         "vocab_size": config.vocab_size,
         "rope_theta": config.rope_parameters["rope_theta"],
         "max_seq_len": config.max_position_embeddings,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tied_embeddings": False,  # text_config refuses tied ones; vLLM's default, written so nothing is guessed
     }
     if config.sliding_window is not None:
         params["sliding_window"] = config.sliding_window

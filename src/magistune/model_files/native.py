@@ -102,7 +102,7 @@ def native_to_hf(native_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT
         hidden_size=params["dim"], num_hidden_layers=params["n_layers"], head_dim=params["head_dim"],
         intermediate_size=params["hidden_dim"], num_attention_heads=params["n_heads"],
         num_key_value_heads=params.get("n_kv_heads", params["n_heads"]), rms_norm_eps=params["norm_eps"],
-        vocab_size=params["vocab_size"], max_position_embeddings=params.get("max_seq_len", DEFAULT_MAX_SEQ_LEN),
+        vocab_size=params["vocab_size"], max_position_embeddings=params.get("max_position_embeddings", params.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)),
         rope_parameters={"rope_type": "default", "rope_theta": params.get("rope_theta", 10000.0)},
         sliding_window=params.get("sliding_window"), tie_word_embeddings=False, hidden_act="silu",
         bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, dtype=dtype,
