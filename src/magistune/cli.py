@@ -267,7 +267,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         if args.format == "mistral":
             hf_to_native(model_dir, out)
-            print(f"wrote {out}: params.json, consolidated.safetensors, tekken.json (Mistral's native layout)")
+            print(f"wrote {out}: params.json, consolidated.safetensors, tekken.json (Mistral's native layout"
+                  f"{', with the vision encoder' if (out / 'params.json').read_text().count('vision_encoder') else ''})")
         else:
             path = out if out.suffix == ".gguf" else out / f"{model_dir.name}-{args.dtype}.gguf"
             notes = export_gguf(model_dir, path, args.dtype)

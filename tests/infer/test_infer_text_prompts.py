@@ -89,7 +89,7 @@ def test_default_system_prompt_for_chat_and_generate(scripted_dir, tmp_path, cha
     shutil.copytree(scripted_dir, folder)
     (folder / "SYSTEM_PROMPT.txt").write_text("Think first:[THINK]draft[/THINK]then answer.", encoding="utf-8")
     source = resolve_source(None, model=str(folder))
-    ask = lambda **kw: _system_prompt(argparse.Namespace(**{"system": None, "no_system_prompt": False, **kw}), source)  # noqa: E731
+    ask = lambda **kw: _system_prompt(argparse.Namespace(**{"system": None, "no_system_prompt": False, **kw}), source)
     assert ask() == "Think first:[THINK]draft[/THINK]then answer."
     assert ask(system="Mine.") == "Mine." and ask(no_system_prompt=True) is None
     ids = encode_prompt(chat_tok, build_request([{"role": "user", "content": "hi"}], system_prompt=ask()))
