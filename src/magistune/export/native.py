@@ -38,16 +38,16 @@ def text_config(model_dir: Path, what: str, vision: bool = False) -> MistralConf
             raise ExportError(f"{model_dir}: {problem}: {what} cannot write it")
         if config.tie_word_embeddings:
             raise ExportError(f"{model_dir}: tied embeddings are not supported by {what}")
-        _check_decoder(config.text_config, model_dir, what)
+        check_decoder(config.text_config, model_dir, what)
         return config
     if type(config) is not MistralConfig:  # Mistral3Config (vision) holds a MistralConfig but is not one
         raise ExportError(f"{model_dir}: {type(config).__name__}: {what} supports text models (MistralForCausalLM) "
                           "only here")
-    _check_decoder(config, model_dir, what)
+    check_decoder(config, model_dir, what)
     return config
 
 
-def _check_decoder(config: MistralConfig, model_dir: Path, what: str) -> None:
+def check_decoder(config: MistralConfig, model_dir: Path, what: str) -> None:
     rope = config.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
         raise ExportError(f"{model_dir}: rope_type {rope.get('rope_type')} is not supported by {what} (only default rotary)")

@@ -21,7 +21,8 @@ Not written, so not complete:
     repository (for v13: unsloth-mistral-Devstral-Small-2507.jinja), which the gguf package does not ship.
     Format prompts with mistral-common (what magistune trains with), or pass llama.cpp a template file
     (--chat-template-file); without one, llama.cpp's chat mode formats prompts in its own way.
-  * The vision tower (Mistral3 / Magistral Small 2509): refused; llama.cpp needs a separate mmproj file.
+  * Mistral3 (Magistral Small 2509): the decoder is this llama GGUF, the vision tower and projector go to
+    `mmproj-<file>` beside it (gguf_mmproj.py), as llama.cpp's converter splits them.
   * Tokenizer equivalence with llama.cpp is checked here only partly: tests/export re-run byte-level BPE over
     the written tokens and merges and get mistral-common's ids for sample words, and the pre-tokenizer regex of
     the tokenizer file is compared with the pattern llama.cpp's "tekken" pre-tokenizer implements. llama.cpp
@@ -51,21 +52,48 @@ MISSING = ("no tokenizer.chat_template (format prompts with mistral-common, or g
            "--chat-template-file); text model only")
 
 
-def tensor_names(n_layers: int) -> dict[str, str]:
-    """{HF parameter name: GGUF tensor name}, from gguf's own name table."""
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def gguf_configs(model_dir: Path):
+    """(the model's config, its decoder's MistralConfig): the same for a text model; for Mistral3 the decoder is
+    the llama GGUF and the rest the mmproj file."""
+    from transformers import Mistral3Config
+
+    from magistune.export.native import check_decoder
+    from magistune.model.load import check_model_dir
+
+    config = check_model_dir(model_dir)
+    if isinstance(config, Mistral3Config):
+        check_decoder(config.text_config, model_dir, "GGUF export")
+        if config.tie_word_embeddings:
+            raise ValueError(f"{model_dir}: tied embeddings are not supported by GGUF export")
+        return config, config.text_config
+    text = text_config(model_dir, "GGUF export")
+    return text, text
+
+
+def mmproj_path(out_path: Path) -> Path:
+    """llama.cpp's naming: mmproj-<model file name> beside it."""
+    return out_path.parent / f"mmproj-{out_path.name}"
+
+
+def tensor_names(n_layers: int, prefix: str = "model.") -> dict[str, str]:
+    """{HF parameter name: GGUF tensor name}, from gguf's own name table; `prefix`: where the decoder sits
+    (model.language_model. in Mistral3)."""
     import gguf
 
     def name(t, bid=None) -> str:
         return gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight"
 
     T = gguf.MODEL_TENSOR
-    names = {"model.embed_tokens.weight": name(T.TOKEN_EMBD), "model.norm.weight": name(T.OUTPUT_NORM),
+    names = {f"{prefix}embed_tokens.weight": name(T.TOKEN_EMBD), f"{prefix}norm.weight": name(T.OUTPUT_NORM),
              "lm_head.weight": name(T.OUTPUT)}
     per_layer = {"self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
                  "self_attn.o_proj": T.ATTN_OUT, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
                  "mlp.down_proj": T.FFN_DOWN, "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM}
     for i in range(n_layers):
-        names.update({f"model.layers.{i}.{hf}.weight": name(t, i) for hf, t in per_layer.items()})
+        names.update({f"{prefix}layers.{i}.{hf}.weight": name(t, i) for hf, t in per_layer.items()})
     return names
 
 
@@ -112,14 +140,23 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
     model_dir, out_path = Path(model_dir), Path(out_path)
     if dtype not in ("bf16", "f16"):
         raise ValueError(f"GGUF dtype must be bf16 or f16, got {dtype}")
-    config = text_config(model_dir, "GGUF export")  # refuses Mistral3 (vision) with a clear message
+    full, config = gguf_configs(model_dir)
     tokenizer_file = Path(tokenizer_file) if tokenizer_file else find_tokenizer_file(model_dir)
     located = read_specs(checkpoint_files(model_dir))
-    loaded_name = param_names(config, [s.name for _, s in located])
-    gguf_name = tensor_names(config.num_hidden_layers)
-    missing = [s.name for _, s in located if loaded_name[s.name] not in gguf_name]
+    loaded_name = param_names(full, [s.name for _, s in located])
+    gguf_name = tensor_names(config.num_hidden_layers, "model.language_model." if full is not config else "model.")
+    vision = [s.name for _, s in located if loaded_name[s.name].startswith(VISION_PREFIXES)]
+    missing = [s.name for _, s in located if loaded_name[s.name] not in gguf_name and s.name not in vision]
     if missing:
         raise ValueError(f"{model_dir}: tensors with no GGUF name: {missing[:5]}")
+    if full is not config:  # Mistral3: the tower and projector go to their own mmproj file
+        from magistune.export.gguf_mmproj import export_mmproj
+        from magistune.tokenizer import SpecialIds, load_tokenizer
+
+        img_break = SpecialIds.of(load_tokenizer(tokenizer_file)).img_break
+        mmproj = export_mmproj(full, located, loaded_name, mmproj_path(out_path), dtype, img_break, model_dir.name)
+        print(f"note: GGUF: wrote the vision tower and projector to {mmproj}", file=sys.stderr)
+        located = [(p, s) for p, s in located if s.name not in vision]
 
     writer = gguf.GGUFWriter(out_path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(model_dir.name)
@@ -142,7 +179,7 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
     bf16 = dtype == "bf16"
 
     def convert(key: str, w: torch.Tensor) -> np.ndarray:
-        n = heads.get(loaded_name[key].split(".", 3)[-1])
+        n = next((h for suffix, h in heads.items() if loaded_name[key].endswith(suffix)), None)
         if n:
             w = to_native(w, n)
         if w.dim() == 1:
