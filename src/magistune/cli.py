@@ -272,7 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             path = out if out.suffix == ".gguf" else out / f"{model_dir.name}-{args.dtype}.gguf"
             notes = export_gguf(model_dir, path, args.dtype)
-            print(f"wrote {path} ({args.dtype}); incomplete: {'; '.join(notes)}")
+            print(f"wrote {path} ({args.dtype})" + (f"; notes: {'; '.join(notes)}" if notes else ""))
     except (ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,6 @@ from safetensors import safe_open
 
 from magistune.cli import main
 from magistune.model_files.native import to_native
-from magistune.export.to_gguf import export_gguf
 from magistune.tokenizer import load_tokenizer
 
 gguf = pytest.importorskip("gguf")

@@ -1,4 +1,4 @@
-"""A merged text model → one bf16 or f16 GGUF file for llama.cpp, through the `gguf` package (llama.cpp's gguf-py).
+"""A merged model → one bf16 or f16 GGUF file for llama.cpp, through the `gguf` package (llama.cpp's gguf-py).
 
 What is written, as llama.cpp's convert_hf_to_gguf.py writes a Mistral model (architecture "llama"):
 
@@ -16,17 +16,17 @@ What is written, as llama.cpp's convert_hf_to_gguf.py writes a Mistral model (ar
              the BPE merges recovered from Tekken's ranks, bos/eos/unk/pad ids, add_bos true, add_eos false.
              (A SentencePiece tokenizer is written as tokenizer.ggml.model "llama", also by MistralVocab.)
 
-Not written, so not complete:
-  * tokenizer.chat_template. llama.cpp's converter takes a community Jinja template from llama.cpp's own
-    repository (for v13: unsloth-mistral-Devstral-Small-2507.jinja), which the gguf package does not ship.
-    Format prompts with mistral-common (what magistune trains with), or pass llama.cpp a template file
-    (--chat-template-file); without one, llama.cpp's chat mode formats prompts in its own way.
+Also written:
+  * tokenizer.chat_template (chat_template.py): mistral-common's v13 layout as Jinja, for a v13 tokenizer;
+  * general.{type, name, basename, size_label, quantization_version}, as llama.cpp's converter writes them;
   * Mistral3 (Magistral Small 2509): the decoder is this llama GGUF, the vision tower and projector go to
     `mmproj-<file>` beside it (gguf_mmproj.py), as llama.cpp's converter splits them.
-  * Tokenizer equivalence with llama.cpp is checked here only partly: tests/export re-run byte-level BPE over
+
+Not checked here: llama.cpp itself is not run (neither it nor llama-cpp-python installs here). Tokenizer
+    equivalence is checked partly: tests/export re-run byte-level BPE over
     the written tokens and merges and get mistral-common's ids for sample words, and the pre-tokenizer regex of
-    the tokenizer file is compared with the pattern llama.cpp's "tekken" pre-tokenizer implements. llama.cpp
-    itself is not run (it is not installable here).
+    the tokenizer file is compared with the pattern llama.cpp's "tekken" pre-tokenizer implements; the chat
+    template is rendered with jinja2 as llama-cpp-python renders it and tokenised with the GGUF's control tokens.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ from magistune.model_files.shards import TensorReader, checkpoint_files, read_sp
 TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
                   r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
                   r"|\s+(?!\S)|\s+")
-MISSING = ("no tokenizer.chat_template (format prompts with mistral-common, or give llama.cpp "
-           "--chat-template-file); text model only")
 
 
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
@@ -95,6 +93,31 @@ def tensor_names(n_layers: int, prefix: str = "model.") -> dict[str, str]:
     for i in range(n_layers):
         names.update({f"{prefix}layers.{i}.{hf}.weight": name(t, i) for hf, t in per_layer.items()})
     return names
+
+
+def add_general(writer, name: str, n_params: int) -> None:
+    """The general.* keys llama.cpp's converter writes for a model it cannot name from a model card."""
+    import gguf
+    from gguf.utility import size_label
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_basename(name)
+    writer.add_size_label(size_label(n_params, 0, 0, 0))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def add_template(writer, tokenizer_file: Path) -> list[str]:
+    """tokenizer.chat_template: mistral-common's v13 layout (chat_template.py); other versions get none."""
+    from magistune.export.chat_template import CHAT_TEMPLATE
+    from magistune.tokenizer import load_tokenizer, tokenizer_version
+
+    version = tokenizer_version(load_tokenizer(tokenizer_file))
+    if version != "v13":
+        return [f"no tokenizer.chat_template: the template reproduces tokenizer v13 (Magistral); this one is {version} "
+                "(format prompts with mistral-common, or give llama.cpp --chat-template-file)"]
+    writer.add_chat_template(CHAT_TEMPLATE)
+    return []
 
 
 def add_vocab(writer, tokenizer_file: Path) -> list[str]:
@@ -159,7 +182,7 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
         located = [(p, s) for p, s in located if s.name not in vision]
 
     writer = gguf.GGUFWriter(out_path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(model_dir.name)
+    add_general(writer, model_dir.name, sum(int(np.prod(s.shape)) for _, s in located))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -174,6 +197,7 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     notes = add_vocab(writer, tokenizer_file)
+    notes += add_template(writer, tokenizer_file)
 
     heads = {"self_attn.q_proj.weight": config.num_attention_heads, "self_attn.k_proj.weight": config.num_key_value_heads}
     bf16 = dtype == "bf16"
@@ -209,7 +233,6 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
     finally:
         reader.close()
         writer.close()
-    notes.append(MISSING)
     for note in notes:
         print(f"note: GGUF: {note}", file=sys.stderr)
     return notes
