@@ -259,6 +259,8 @@ def _export_model_dir(args: argparse.Namespace):
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from magistune.export.native import ExportError, hf_to_native
     from magistune.export.to_gguf import export_gguf
 
@@ -266,13 +268,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output)
     try:
         if args.format == "mistral":
-            hf_to_native(model_dir, out)
+            hf_to_native(model_dir, out, dtype={None: None, "bf16": torch.bfloat16, "f16": torch.float16,
+                                                "fp32": torch.float32}[args.dtype])
             print(f"wrote {out}: params.json, consolidated.safetensors, tekken.json (Mistral's native layout"
                   f"{', with the vision encoder' if (out / 'params.json').read_text().count('vision_encoder') else ''})")
         else:
-            path = out if out.suffix == ".gguf" else out / f"{model_dir.name}-{args.dtype}.gguf"
-            notes = export_gguf(model_dir, path, args.dtype)
-            print(f"wrote {path} ({args.dtype})" + (f"; notes: {'; '.join(notes)}" if notes else ""))
+            dtype = args.dtype or "bf16"
+            if dtype == "fp32":
+                raise ConfigError("--dtype fp32: GGUF export writes bf16 or f16")
+            path = out if out.suffix == ".gguf" else out / f"{model_dir.name}-{dtype}.gguf"
+            notes = export_gguf(model_dir, path, dtype)
+            print(f"wrote {path} ({dtype})" + (f"; notes: {'; '.join(notes)}" if notes else ""))
     except (ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -381,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="a Hugging Face model folder (e.g. the output of merge) instead of a config")
     s.add_argument("--format", required=True, choices=("mistral", "gguf"))
     s.add_argument("--output", required=True, metavar="PATH", help="a folder (mistral), a .gguf file or a folder (gguf)")
-    s.add_argument("--dtype", choices=("bf16", "f16"), default="bf16", help="GGUF weight type (default bf16)")
+    s.add_argument("--dtype", choices=("bf16", "f16", "fp32"),
+                   help="weight type (GGUF: bf16 or f16, default bf16; mistral: default the dtype config.json declares)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("config-schema", help="print the config's JSON schema")

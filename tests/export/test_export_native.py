@@ -122,3 +122,24 @@ def test_native_layout_as_training_base_model(native_dir, tiny_dir, tmp_path, mo
     ids = torch.tensor([[1, 5, 900, 1200, 77]])
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_cpu_full_fine_tune_exports_in_the_declared_dtype(tmp_path):
+    """A CPU run trains in fp32; the folder keeps those weights (evaluate equals training) and the base's declared
+    bf16 in config.json, which export writes unless --dtype asks otherwise."""
+    from safetensors import safe_open
+
+    from magistune.config import parse_config
+    from magistune.model import build_model, resolve_model_dir, save_trained
+
+    cfg, _ = parse_config({"base_model": "tiny-random", "datasets": [{"path": "x"}]})
+    model, _, _ = build_model(cfg, torch.device("cpu"))
+    assert next(model.parameters()).dtype == torch.float32
+    out = save_trained(model, tmp_path / "full", cfg, tokenizer_file=resolve_model_dir("tiny-random") / "tekken.json")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(checkpoint_files(out)[0]), framework="pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.float32
+    for flag, dtype in (([], torch.bfloat16), (["--dtype", "fp32"], torch.float32)):
+        native = tmp_path / f"native{len(flag)}"
+        assert main(["export", "--model", str(out), "--format", "mistral", "--output", str(native), *flag]) == 0
+        assert {t.dtype for t in tensors([native / "consolidated.safetensors"]).values()} == {dtype}

@@ -78,9 +78,21 @@ def native_params(config: MistralConfig) -> dict:
     return params
 
 
-def hf_to_native(model_dir: Path, out_dir: Path, tokenizer_file: Path | None = None) -> Path:
+def declared_dtype(config) -> torch.dtype:
+    """The dtype config.json declares (a CPU full fine-tune trains in fp32 but keeps the base's, see
+    model.adapt.save_trained); bf16 when it declares none."""
+    for holder in (config, getattr(config, "text_config", None)):
+        value = getattr(holder, "dtype", None) if holder is not None else None
+        if value is not None:
+            return value if isinstance(value, torch.dtype) else getattr(torch, str(value))
+    return torch.bfloat16
+
+
+def hf_to_native(model_dir: Path, out_dir: Path, tokenizer_file: Path | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
     """Write params.json, consolidated.safetensors and tekken.json of the HF model in `model_dir`: a Mistral
-    decoder, or Mistral3 (Pixtral tower + projector + decoder, with params.json's vision_encoder block)."""
+    decoder, or Mistral3 (Pixtral tower + projector + decoder, with params.json's vision_encoder block). Tensors are
+    written in `dtype`, by default the one config.json declares (not the fp32 a CPU run trained in)."""
     config = text_config(Path(model_dir), "the native export", vision=True)
     tokenizer_file = Path(tokenizer_file) if tokenizer_file else find_tokenizer_file(Path(model_dir))
     params = native_params(config.text_config if isinstance(config, Mistral3Config) else config)
@@ -97,14 +109,15 @@ def hf_to_native(model_dir: Path, out_dir: Path, tokenizer_file: Path | None = N
         raise ExportError(f"{model_dir}: tensors with no native name: {unknown[:5]}")
     names = {s.name: native[loaded_name[s.name]] for _, s in located}
     heads = rotary_heads(config)
+    dtype = dtype or declared_dtype(config)
     reader = TensorReader({s.name: path for path, s in located})
-    specs = [TensorSpec(names[s.name], s.dtype, s.shape) for _, s in located]
+    specs = [TensorSpec(names[s.name], dtype, s.shape) for _, s in located]
     source = {names[s.name]: s.name for _, s in located}
 
     def produce(spec: TensorSpec) -> torch.Tensor:
         w = reader.get(source[spec.name])
         n = heads.get(spec.name)
-        return to_native(w, n).contiguous() if n else w
+        return (to_native(w, n).contiguous() if n else w).to(dtype)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
