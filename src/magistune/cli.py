@@ -233,6 +233,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(f"merged {len(report.merged)} of {report.tensors} tensors from {adapter} into {base}\n"
           f"wrote {out}: {len(report.files)} shard(s), {report.bytes_written / 2**30:.2f} GiB bf16; "
           f"peak tensor memory {report.peak_tensor_mib:.0f} MiB, peak RSS {report.peak_rss_mib:.0f} MiB")
+    if not args.no_eval and not args.adapter:  # what merging cost, measured as training measured it
+        from magistune.infer.evaluate import format_merge_cost, merge_cost
+        from magistune.model.load import pick_device
+
+        print(format_merge_cost(merge_cost(cfg, out, pick_device(args.device))))
     return 0
 
 
@@ -380,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, metavar="DIR")
     s.add_argument("--adapter", help="an adapter folder (default: output_dir)")
     s.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    s.add_argument("--no-eval", action="store_true",
+                   help="skip the eval-split loss of the model as trained and as merged (printed by default)")
+    s.add_argument("--device", help="torch device for that evaluation (default: cuda if available, else cpu)")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("export", help="write a model in Mistral's native layout or as GGUF")
