@@ -95,6 +95,22 @@ def tensor_names(n_layers: int, prefix: str = "model.") -> dict[str, str]:
     return names
 
 
+def add_hparams(writer, config) -> None:
+    """llama.* hyperparameters of the decoder (a MistralConfig)."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)  # 128 for Magistral, != 5120 / 32 = 160: must be explicit
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
 def add_general(writer, name: str, n_params: int) -> None:
     """The general.* keys llama.cpp's converter writes for a model it cannot name from a model card."""
     import gguf
@@ -184,18 +200,7 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
     writer = gguf.GGUFWriter(out_path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     add_general(writer, model_dir.name, sum(int(np.prod(s.shape)) for _, s in located))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)  # 128 for Magistral, != 5120 / 32 = 160: must be explicit
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    add_hparams(writer, config)
     notes = add_vocab(writer, tokenizer_file)
     notes += add_template(writer, tokenizer_file)
 
