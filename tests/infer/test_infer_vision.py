@@ -115,3 +115,19 @@ def test_chat_image_command(vision):
     assert first["content"][0]["image_url"]["url"] == str(CIRCLE) and first["content"][1]["text"] == "What shape?"
     assert second["content"] == "And now?"  # the image went with the message it was attached to
     assert session.images == []
+
+
+def test_chat_cli_image_command():
+    """`magistune chat --model tiny-random-vision`: /image PATH attaches the image to the next message."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    stdin = f"/image {CIRCLE}\nWhat shape?\n/image {CIRCLE.parent / 'missing.png'}\n/quit\n"
+    proc = subprocess.run([sys.executable, "-m", "magistune", "chat", "--model", "tiny-random-vision", "--color",
+                           "never", "--temperature", "0", "--max-tokens", "3"], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "image attached (1 for the next message)" in proc.stdout and "image file not found" in proc.stdout
+    assert proc.stdout.count("error:") == 1  # the missing file only: the turn with the image ran
