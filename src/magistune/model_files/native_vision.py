@@ -62,7 +62,7 @@ def check_vision(config: Mistral3Config) -> str | None:
     v = config.vision_config
     if v.hidden_act != "silu":
         return (f"vision_config.hidden_act is {v.hidden_act}; the native Pixtral tower's MLP is SiLU-gated "
-                "(Magistral Small 2509's config says silu)")
+                "(vLLM's and mistral-inference's native Pixtral have no other activation)")
     if config.projector_hidden_act != "gelu":
         return f"projector_hidden_act is {config.projector_hidden_act}; the native adapter is a GELU"
     if config.vision_feature_layer != -1:
