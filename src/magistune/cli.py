@@ -143,9 +143,15 @@ def _sampling(args: argparse.Namespace):
 
 
 def _system_prompt(args: argparse.Namespace, source) -> str | None:
-    from magistune.data.sources import config_system_prompt
+    """--no-system-prompt, --system, the config's, else the SYSTEM_PROMPT.txt kept with what was trained (adapter
+    or full model folder), else the base model's (model_files/system_prompt.py)."""
+    from magistune.model_files.system_prompt import base_model_folder, resolve_system_prompt
 
-    return args.system if args.system is not None else config_system_prompt(source.cfg)
+    if args.no_system_prompt:
+        return None
+    if args.system is not None:
+        return args.system
+    return resolve_system_prompt(source.cfg, [source.adapter_dir, source.model_dir, base_model_folder(source.cfg)])
 
 
 def _say_loading(source) -> None:
@@ -249,6 +255,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(f"merged {len(report.merged)} of {report.tensors} tensors from {adapter} into {base}\n"
           f"wrote {out}: {len(report.files)} shard(s), {report.bytes_written / 2**30:.2f} GiB bf16; "
           f"peak tensor memory {report.peak_tensor_mib:.0f} MiB, peak RSS {report.peak_rss_mib:.0f} MiB")
+    if not args.no_eval and not args.adapter:  # what merging cost, measured as training measured it
+        from magistune.infer.evaluate import format_merge_cost, merge_cost
+        from magistune.model.load import pick_device
+
+        print(format_merge_cost(merge_cost(cfg, out, pick_device(args.device))))
     return 0
 
 
@@ -275,6 +286,8 @@ def _export_model_dir(args: argparse.Namespace):
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from magistune.export.native import ExportError, hf_to_native
     from magistune.export.to_gguf import export_gguf
 
@@ -282,12 +295,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output)
     try:
         if args.format == "mistral":
-            hf_to_native(model_dir, out)
-            print(f"wrote {out}: params.json, consolidated.safetensors, tekken.json (Mistral's native layout)")
+            hf_to_native(model_dir, out, dtype={None: None, "bf16": torch.bfloat16, "f16": torch.float16,
+                                                "fp32": torch.float32}[args.dtype])
+            print(f"wrote {out}: params.json, consolidated.safetensors, tekken.json (Mistral's native layout"
+                  f"{', with the vision encoder' if (out / 'params.json').read_text().count('vision_encoder') else ''})")
         else:
-            path = out if out.suffix == ".gguf" else out / f"{model_dir.name}-{args.dtype}.gguf"
-            notes = export_gguf(model_dir, path, args.dtype)
-            print(f"wrote {path} ({args.dtype}); incomplete: {'; '.join(notes)}")
+            dtype = args.dtype or "bf16"
+            if dtype == "fp32":
+                raise ConfigError("--dtype fp32: GGUF export writes bf16 or f16")
+            path = out if out.suffix == ".gguf" else out / f"{model_dir.name}-{dtype}.gguf"
+            notes = export_gguf(model_dir, path, dtype)
+            print(f"wrote {path} ({dtype})" + (f"; notes: {'; '.join(notes)}" if notes else ""))
     except (ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -304,7 +322,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 CHAT_HELP = """input: Enter sends the line; end a line with a backslash to continue it on the next; a line of three
 double quotes starts a block that the next such line ends.
 commands: /reset (forget the conversation), /system TEXT (set the system prompt), /system (remove it),
-/help, /quit or /exit (or Ctrl-D). Ctrl-C stops an answer and drops that turn."""
+/image PATH (attach an image to the next message; vision models), /help, /quit or /exit (or Ctrl-D). Ctrl-C stops an answer and drops that turn."""
 
 
 def _model_args(s: argparse.ArgumentParser) -> None:
@@ -320,6 +338,13 @@ def _sampling_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     s.add_argument("--max-tokens", type=int, default=40960, help="new tokens per answer, thinking included (default 40960)")
     s.add_argument("--seed", type=int, help="seed the sampler for reproducible output")
+
+
+def _system_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--system", help="system prompt for conversations without one (default: the config's "
+                                    "system_prompt / system_prompt_file, else the model's SYSTEM_PROMPT.txt)")
+    g.add_argument("--no-system-prompt", action="store_true", help="no default system prompt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(s)
     _sampling_args(s)
-    s.add_argument("--system", help="system prompt (default: the config's system_prompt / system_prompt_file)")
+    _system_args(s)
     s.add_argument("--hide-thinking", action="store_true", help='print "[thinking… N tokens]" instead of the thinking')
     s.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="dim the thinking with ANSI codes (auto: when stdout is a terminal and NO_COLOR is unset)")
@@ -363,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, metavar="PROMPTS.jsonl", help="one {\"messages\": [...]} per line, last turn user")
     s.add_argument("--output", required=True, metavar="OUT.jsonl")
     s.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
-    s.add_argument("--system", help="system prompt for conversations without one (default: the config's)")
+    _system_args(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("evaluate", help="loss and perplexity, with the training masks and normalisation")
@@ -382,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, metavar="DIR")
     s.add_argument("--adapter", help="an adapter folder (default: output_dir)")
     s.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    s.add_argument("--no-eval", action="store_true",
+                   help="skip the eval-split loss of the model as trained and as merged (printed by default)")
+    s.add_argument("--device", help="torch device for that evaluation (default: cuda if available, else cpu)")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("export", help="write a model in Mistral's native layout or as GGUF")
@@ -389,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="a Hugging Face model folder (e.g. the output of merge) instead of a config")
     s.add_argument("--format", required=True, choices=("mistral", "gguf"))
     s.add_argument("--output", required=True, metavar="PATH", help="a folder (mistral), a .gguf file or a folder (gguf)")
-    s.add_argument("--dtype", choices=("bf16", "f16"), default="bf16", help="GGUF weight type (default bf16)")
+    s.add_argument("--dtype", choices=("bf16", "f16", "fp32"),
+                   help="weight type (GGUF: bf16 or f16, default bf16; mistral: default the dtype config.json declares)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("config-schema", help="print the config's JSON schema")

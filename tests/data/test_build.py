@@ -384,3 +384,41 @@ def test_system_prompt_file_bom_and_invalid_utf8(tmp_path, write_jsonl, write_co
     (tmp_path / "prompt.txt").write_bytes(b"Be br\xefef.\n")
     with pytest.raises(ConfigError, match=r"system_prompt_file: .*prompt.txt: not valid UTF-8 \(byte 6\)"):
         build(write_config, [{"path": "data.jsonl"}], system_prompt_file="prompt.txt")
+
+
+# --- the model's SYSTEM_PROMPT.txt as the default ----------------------------------------------------------------
+
+MODEL_PROMPT = "Draft your thinking first.\nUse this template:[THINK]Your thoughts.[/THINK]Then the answer."
+
+
+def _model_folder(tmp_path):
+    """A base_model folder with Magistral's tokenizer file and a SYSTEM_PROMPT.txt in 2509's [THINK] format."""
+    from magistune.tokenizer import tiny_tokenizer_path
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "tekken.json").symlink_to(tiny_tokenizer_path())
+    (folder / "SYSTEM_PROMPT.txt").write_text(MODEL_PROMPT + "\n", encoding="utf-8")
+    return folder
+
+
+def test_model_system_prompt_is_the_default(tmp_path, write_jsonl, write_config, tiny_tok, capsys):
+    write_jsonl(tmp_path / "data.jsonl", SYS_RECORDS)
+    folder = _model_folder(tmp_path)
+    samples = by_source(build(write_config, [{"path": "data.jsonl"}], base_model=str(folder)))
+    # mistral-common's ids for Mistral's model-card system message: text, closed thinking, text
+    system = {"role": "system", "content": [
+        {"type": "text", "text": "Draft your thinking first.\nUse this template:"},
+        {"type": "thinking", "thinking": "Your thoughts.", "closed": True},
+        {"type": "text", "text": "Then the answer."}]}
+    assert samples["data.jsonl:1"].input_ids == reference_ids(tiny_tok, [system] + SYS_RECORDS[0]["messages"])
+    assert SpecialIds.of(tiny_tok).begin_think in samples["data.jsonl:1"].input_ids  # the control token, not text
+    assert samples["data.jsonl:2"].input_ids == reference_ids(tiny_tok, SYS_RECORDS[1]["messages"])
+    assert trained(samples["data.jsonl:1"]) == text_ids(tiny_tok, "Paris.") + [SpecialIds.of(tiny_tok).eos]
+    assert str(folder / "SYSTEM_PROMPT.txt") in capsys.readouterr().err
+    # system_prompt: "" turns it off; an explicit prompt wins
+    off = by_source(build(write_config, [{"path": "data.jsonl"}], base_model=str(folder), system_prompt=""))
+    assert off["data.jsonl:1"].input_ids == reference_ids(tiny_tok, SYS_RECORDS[0]["messages"])
+    own = by_source(build(write_config, [{"path": "data.jsonl"}], base_model=str(folder), system_prompt="Be brief."))
+    assert own["data.jsonl:1"].input_ids == reference_ids(tiny_tok, [
+        {"role": "system", "content": "Be brief."}] + SYS_RECORDS[0]["messages"])

@@ -204,3 +204,17 @@ def test_damaged_entry_is_rebuilt_with_a_note(setup, capsys, damage):
     if damage[1] != b'{"key": null}':
         assert f"note: the data cache {cfg.prepared_dir / entry} is damaged" in err and "rebuilding it" in err
     assert prepare_data(setup(), progress=False).from_cache  # the rebuilt entry replaced the damaged one
+
+
+def test_rebuilt_when_the_model_system_prompt_changes(setup, tmp_path):
+    from magistune.tokenizer import tiny_tokenizer_path
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "tekken.json").symlink_to(tiny_tokenizer_path())
+    (folder / "SYSTEM_PROMPT.txt").write_text("Be brief.", encoding="utf-8")
+    first = prepare_data(setup(base_model=str(folder)), progress=False)
+    assert prepare_data(setup(base_model=str(folder)), progress=False).from_cache
+    (folder / "SYSTEM_PROMPT.txt").write_text("Be verbose.", encoding="utf-8")
+    second = prepare_data(setup(base_model=str(folder)), progress=False)
+    assert not second.from_cache and _snapshot(second) != _snapshot(first)

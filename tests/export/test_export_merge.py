@@ -135,3 +135,30 @@ def test_unsupported_or_mismatched_adapters_are_refused(tiny_dir, vision_dir, tm
     cfg = write_cfg(tmp_path)
     assert main(["merge", str(cfg), "--output", str(tmp_path / "m3")]) == 2  # output_dir has no adapter yet
     assert f"output_dir: {tmp_path / 'out'}: folder not found" in capsys.readouterr().err
+
+
+def test_merge_prints_the_eval_split_loss_as_trained_and_merged(tiny_dir, tmp_path, capsys):
+    """QLoRA: merging into the bf16 checkpoint changes the model; merge shows by how much on the eval split, each
+    number the one `magistune evaluate` gives for that model."""
+    from magistune.config import load_config
+    from magistune.infer.evaluate import evaluate_loaded, select_samples
+    from magistune.infer.loading import load_for_inference, resolve_source
+
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A {i}."}]}
+            for i in range(6)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    keys = {"adapter": "qlora", "load_in_4bit": True, "datasets": [{"path": "data.jsonl"}], "val_set_size": 2}
+    cfg_path = write_cfg(tmp_path, **keys)
+    save_adapter("tiny-random", tmp_path / "out", seed=3, adapter="qlora", load_in_4bit=True)
+    assert main(["merge", str(cfg_path), "--output", str(tmp_path / "m")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("eval split (2 samples") and "loss as trained" in line and "merged" in line
+
+    cfg = load_config(cfg_path)[0]
+    samples, _ = select_samples(cfg, False, None)
+    cpu = torch.device("cpu")
+    trained = evaluate_loaded(load_for_inference(resolve_source(cfg), cpu), samples, 1)["loss"]
+    merged = evaluate_loaded(load_for_inference(resolve_source(cfg, model=str(tmp_path / "m")), cpu), samples, 1)["loss"]
+    assert f"loss as trained {trained:.6f}" in line and f"merged {merged:.6f}" in line and trained != merged
+    assert main(["merge", str(cfg_path), "--output", str(tmp_path / "m2"), "--no-eval"]) == 0
+    assert "eval split" not in capsys.readouterr().out

@@ -13,7 +13,6 @@ from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
 from adapter_helpers import save_adapter
 from magistune.cli import main
-from magistune.export.native import ExportError, hf_to_native
 from magistune.model_files.native import hf_layout_for, native_to_hf
 from magistune.model_files.shards import checkpoint_files
 
@@ -40,7 +39,10 @@ def native_dir(tiny_dir, tmp_path_factory):
 def test_native_layout(native_dir, tiny_dir):
     params = json.loads((native_dir / "params.json").read_text())
     assert params == {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2,
-                      "norm_eps": 1e-05, "vocab_size": 131072, "rope_theta": 1e9, "max_seq_len": 40960}
+                      "norm_eps": 1e-05, "vocab_size": 131072, "rope_theta": 1e9, "max_seq_len": 40960,
+                      "max_position_embeddings": 40960, "tied_embeddings": False}
+    # vLLM's Mistral format takes the context from max_position_embeddings (128,000 when it is absent)
+    assert params["max_position_embeddings"] == json.loads((tiny_dir / "config.json").read_text())["max_position_embeddings"]
     names = tensors([native_dir / "consolidated.safetensors"]).keys()
     expected = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
         f"layers.{i}.{n}.weight" for i in range(2) for n in
@@ -99,9 +101,7 @@ def test_hf_layout_for_converts_once(native_dir, tmp_path):
     assert (first / "config.json").is_file() and (first / "tekken.json").is_file()
 
 
-def test_vision_and_adapter_outputs_are_refused_clearly(vision_dir, tmp_path, capsys):
-    with pytest.raises(ExportError, match="vision tower"):
-        hf_to_native(vision_dir, tmp_path / "v")
+def test_adapter_outputs_are_refused_clearly(tmp_path, capsys):
     save_adapter("tiny-random", tmp_path / "out")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"base_model": "tiny-random", "datasets": [{"path": "d.jsonl"}], "adapter": "lora",
@@ -122,3 +122,24 @@ def test_native_layout_as_training_base_model(native_dir, tiny_dir, tmp_path, mo
     ids = torch.tensor([[1, 5, 900, 1200, 77]])
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_cpu_full_fine_tune_exports_in_the_declared_dtype(tmp_path):
+    """A CPU run trains in fp32; the folder keeps those weights (evaluate equals training) and the base's declared
+    bf16 in config.json, which export writes unless --dtype asks otherwise."""
+    from safetensors import safe_open
+
+    from magistune.config import parse_config
+    from magistune.model import build_model, resolve_model_dir, save_trained
+
+    cfg, _ = parse_config({"base_model": "tiny-random", "datasets": [{"path": "x"}]})
+    model, _, _ = build_model(cfg, torch.device("cpu"))
+    assert next(model.parameters()).dtype == torch.float32
+    out = save_trained(model, tmp_path / "full", cfg, tokenizer_file=resolve_model_dir("tiny-random") / "tekken.json")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(checkpoint_files(out)[0]), framework="pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.float32
+    for flag, dtype in (([], torch.bfloat16), (["--dtype", "fp32"], torch.float32)):
+        native = tmp_path / f"native{len(flag)}"
+        assert main(["export", "--model", str(out), "--format", "mistral", "--output", str(native), *flag]) == 0
+        assert {t.dtype for t in tensors([native / "consolidated.safetensors"]).values()} == {dtype}

@@ -73,3 +73,29 @@ def test_bad_prompts_say_why(messages, reason):
     with pytest.raises(RecordError) as e:
         build_request(messages)
     assert e.value.reason == reason
+
+
+def test_default_system_prompt_for_chat_and_generate(scripted_dir, tmp_path, chat_tok):
+    """--model D with D/SYSTEM_PROMPT.txt: the default; --system and --no-system-prompt win; the [THINK]
+    template is sent as mistral-common's thinking part, so the ids are the model card's."""
+    import argparse
+    import shutil
+
+    from magistune.cli import _system_prompt
+    from magistune.infer.loading import resolve_source
+    from magistune.infer.prompts import build_request, encode_prompt
+
+    folder = tmp_path / "m"
+    shutil.copytree(scripted_dir, folder)
+    (folder / "SYSTEM_PROMPT.txt").write_text("Think first:[THINK]draft[/THINK]then answer.", encoding="utf-8")
+    source = resolve_source(None, model=str(folder))
+    ask = lambda **kw: _system_prompt(argparse.Namespace(**{"system": None, "no_system_prompt": False, **kw}), source)
+    assert ask() == "Think first:[THINK]draft[/THINK]then answer."
+    assert ask(system="Mine.") == "Mine." and ask(no_system_prompt=True) is None
+    ids = encode_prompt(chat_tok, build_request([{"role": "user", "content": "hi"}], system_prompt=ask()))
+    expected = chat_tok.encode_chat_completion(ChatCompletionRequest.from_openai([
+        {"role": "system", "content": [{"type": "text", "text": "Think first:"},
+                                       {"type": "thinking", "thinking": "draft", "closed": True},
+                                       {"type": "text", "text": "then answer."}]},
+        {"role": "user", "content": "hi"}])).tokens
+    assert ids == expected

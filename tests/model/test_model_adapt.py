@@ -178,3 +178,12 @@ def test_qlora_image_path_reaches_an_explicit_projector_adapter(vision_dir, tok,
     projector = [p for n, p in model.named_parameters() if "multi_modal_projector.linear_1.lora_" in n]
     assert len(projector) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
+
+
+@pytest.mark.parametrize("prompt", ["Be brief.", ""])
+def test_save_trained_keeps_the_system_prompt(prompt, tok, make_cfg, tmp_path):
+    cfg = make_cfg("tiny-random", adapter="lora", lora_target_modules=["q_proj"], system_prompt=prompt)
+    model, _, _ = build_model(cfg, CPU, tokenizer=tok)
+    out = save_trained(model, tmp_path / "out", cfg)
+    kept = out / "SYSTEM_PROMPT.txt"
+    assert (kept.read_text(encoding="utf-8") == prompt) if prompt else not kept.exists()  # "": none was used

@@ -125,3 +125,27 @@ def test_weights_must_exist(tmp_path, text_dir):
 def test_check_model_dir_accepts_the_tiny_models(text_dir, vision_dir):
     assert isinstance(check_model_dir(text_dir), MistralConfig)
     assert isinstance(check_model_dir(vision_dir), Mistral3Config)
+
+
+def test_4bit_on_cpu_keeps_one_layout_through_eval_and_backward(text_dir, tok, make_cfg):
+    """bitsandbytes' CPU repacking (eval-mode only, no autograd) is off: an eval, then a training step's backward,
+    then an eval give what a freshly loaded model gives, as `magistune evaluate` must equal the training eval."""
+    from magistune.model import build_model
+
+    cfg = make_cfg("tiny-random", adapter="qlora", load_in_4bit=True, lora_target_linear=True)
+    ids = torch.randint(100, 5000, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def eval_logits(model):
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    torch.manual_seed(0)
+    used, _, _ = build_model(cfg, torch.device("cpu"), tokenizer=tok)
+    assert all(not m.support_avx512bf16_for_cpu for m in used.modules() if isinstance(m, Linear4bit))
+    first = eval_logits(used)
+    used.train()
+    used(input_ids=ids).logits.sum().backward()
+    torch.manual_seed(0)
+    fresh, _, _ = build_model(cfg, torch.device("cpu"), tokenizer=tok)
+    assert torch.equal(eval_logits(used), first) and torch.equal(eval_logits(fresh), first)

@@ -18,6 +18,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from magistune.data.errors import RecordError, short_error
 from magistune.data.images import IMAGE_PARTS, ImageOptions, load_image_part
+from magistune.model_files.system_prompt import system_message
 
 ROLES = ("system", "user", "assistant", "tool")
 TEXT_PARTS = ("text", "thinking")
@@ -185,7 +186,7 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
         elif role in ("system", "user", "tool") and not isinstance(msg.get("content", ""), (str, list)):
             raise RecordError("wrong_type", f"messages[{i}].content must be a string or a list of parts")
         msg = {k: v for k, v in msg.items() if k not in EXTRA_KEYS}
-        chunks = _image_chunks(i, msg.get("content"), opts, image_bytes, image_origins)
+        chunks = image_chunks(i, msg.get("content"), opts, image_bytes, image_origins)
         if chunks is not None:  # converted below; mistral-common sees the text parts only
             msg["content"] = [p for p in msg["content"] if p["type"] not in IMAGE_PARTS] or ""
         clean.append(msg)
@@ -194,7 +195,7 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
     if clean[-1]["role"] != "assistant":
         raise RecordError("last_not_assistant", f"the last message is from '{clean[-1]['role']}'; a training conversation ends with the assistant")
     if opts.system_prompt is not None and not any(m["role"] == "system" for m in clean):
-        clean.insert(0, {"role": "system", "content": opts.system_prompt})
+        clean.insert(0, system_message(opts.system_prompt, opts.supports_thinking))
         with_images.insert(0, None)
     if opts.train_on == "last_assistant":
         weights = [0] * (len(weights) - 1) + [weights[-1]]
@@ -219,7 +220,7 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
                         warnings=undeclared_tool_calls(messages, tools))
 
 
-def _image_chunks(i: int, content: Any, opts: RecordOptions, image_bytes: dict[int, bytes],
+def image_chunks(i: int, content: Any, opts: RecordOptions, image_bytes: dict[int, bytes],
                   image_origins: list[str]) -> list | None:
     """A message's parts as mistral-common chunks, with every image loaded; None when it has no image."""
     if not isinstance(content, list) or not any(p["type"] in IMAGE_PARTS for p in content):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from magistune.config import Config, ConfigError, DatasetConfig
+from magistune.config import Config, DatasetConfig
+from magistune.model_files.system_prompt import resolve_system_prompt
 
 
 class SourceError(ValueError):
@@ -227,17 +228,13 @@ def source_fingerprint(src: Source) -> str:
 
 
 def config_system_prompt(cfg: Config) -> str | None:
-    """The config's system prompt: system_prompt, or system_prompt_file's text (chat and generate use it too)."""
-    if cfg.system_prompt_file:
-        path = cfg.resolve(cfg.system_prompt_file)
-        if not path.is_file():
-            raise ConfigError(f"system_prompt_file: {path} not found")
-        try:  # utf-8-sig: a byte-order mark from a Windows editor is not part of the prompt
-            return path.read_bytes().decode("utf-8-sig").strip()
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"system_prompt_file: {path}: not valid UTF-8 (byte {e.start + 1}); save it as UTF-8") from None
-    return cfg.system_prompt
+    """The config's system prompt (chat and generate use it too): system_prompt_file's text, system_prompt
+    ("" turns it off), else the base model's SYSTEM_PROMPT.txt (model_files/system_prompt.py)."""
+    return resolve_system_prompt(cfg)
 
 
 def system_prompt_for(ds: DatasetConfig, cfg: Config) -> str | None:
-    return ds.system_prompt if ds.system_prompt is not None else config_system_prompt(cfg)
+    """The dataset's own system_prompt ("" turns it off), else the config's."""
+    if ds.system_prompt is not None:
+        return ds.system_prompt or None
+    return config_system_prompt(cfg)

@@ -34,6 +34,7 @@ import torch
 
 from magistune.export.names import param_names
 from magistune.model_files.shards import DEFAULT_SHARD_BYTES, TensorReader, TensorSpec, checkpoint_files, read_specs, write_sharded
+from magistune.model_files.system_prompt import SYSTEM_PROMPT_FILE
 
 PREFIX = "base_model.model."  # PEFT's prefix in front of the model's own module names
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -178,6 +179,8 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer_fi
         adapter.reader.close()
     report.bytes_written = sum(s.nbytes for s in specs)
     copy_side_files(base_dir, out_dir, tokenizer_file)
+    if (adapter_dir / SYSTEM_PROMPT_FILE).is_file():  # the prompt training used wins over the base model's
+        shutil.copyfile(adapter_dir / SYSTEM_PROMPT_FILE, out_dir / SYSTEM_PROMPT_FILE)
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return report
 

@@ -1,4 +1,4 @@
-"""A merged text model → one bf16 or f16 GGUF file for llama.cpp, through the `gguf` package (llama.cpp's gguf-py).
+"""A merged model → one bf16 or f16 GGUF file for llama.cpp, through the `gguf` package (llama.cpp's gguf-py).
 
 What is written, as llama.cpp's convert_hf_to_gguf.py writes a Mistral model (architecture "llama"):
 
@@ -16,16 +16,17 @@ What is written, as llama.cpp's convert_hf_to_gguf.py writes a Mistral model (ar
              the BPE merges recovered from Tekken's ranks, bos/eos/unk/pad ids, add_bos true, add_eos false.
              (A SentencePiece tokenizer is written as tokenizer.ggml.model "llama", also by MistralVocab.)
 
-Not written, so not complete:
-  * tokenizer.chat_template. llama.cpp's converter takes a community Jinja template from llama.cpp's own
-    repository (for v13: unsloth-mistral-Devstral-Small-2507.jinja), which the gguf package does not ship.
-    Format prompts with mistral-common (what magistune trains with), or pass llama.cpp a template file
-    (--chat-template-file); without one, llama.cpp's chat mode formats prompts in its own way.
-  * The vision tower (Mistral3 / Magistral Small 2509): refused; llama.cpp needs a separate mmproj file.
-  * Tokenizer equivalence with llama.cpp is checked here only partly: tests/export re-run byte-level BPE over
+Also written:
+  * tokenizer.chat_template (chat_template.py): mistral-common's v13 layout as Jinja, for a v13 tokenizer;
+  * general.{type, name, basename, size_label, quantization_version}, as llama.cpp's converter writes them;
+  * Mistral3 (Magistral Small 2509): the decoder is this llama GGUF, the vision tower and projector go to
+    `mmproj-<file>` beside it (gguf_mmproj.py), as llama.cpp's converter splits them.
+
+Not checked here: llama.cpp itself is not run (neither it nor llama-cpp-python installs here). Tokenizer
+    equivalence is checked partly: tests/export re-run byte-level BPE over
     the written tokens and merges and get mistral-common's ids for sample words, and the pre-tokenizer regex of
-    the tokenizer file is compared with the pattern llama.cpp's "tekken" pre-tokenizer implements. llama.cpp
-    itself is not run (it is not installable here).
+    the tokenizer file is compared with the pattern llama.cpp's "tekken" pre-tokenizer implements; the chat
+    template is rendered with jinja2 as llama-cpp-python renders it and tokenised with the GGUF's control tokens.
 """
 
 from __future__ import annotations
@@ -47,26 +48,92 @@ from magistune.model_files.shards import TensorReader, checkpoint_files, read_sp
 TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
                   r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
                   r"|\s+(?!\S)|\s+")
-MISSING = ("no tokenizer.chat_template (format prompts with mistral-common, or give llama.cpp "
-           "--chat-template-file); text model only")
 
 
-def tensor_names(n_layers: int) -> dict[str, str]:
-    """{HF parameter name: GGUF tensor name}, from gguf's own name table."""
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def gguf_configs(model_dir: Path):
+    """(the model's config, its decoder's MistralConfig): the same for a text model; for Mistral3 the decoder is
+    the llama GGUF and the rest the mmproj file."""
+    from transformers import Mistral3Config
+
+    from magistune.export.native import check_decoder
+    from magistune.model.load import check_model_dir
+
+    config = check_model_dir(model_dir)
+    if isinstance(config, Mistral3Config):
+        check_decoder(config.text_config, model_dir, "GGUF export")
+        if config.tie_word_embeddings:
+            raise ValueError(f"{model_dir}: tied embeddings are not supported by GGUF export")
+        return config, config.text_config
+    text = text_config(model_dir, "GGUF export")
+    return text, text
+
+
+def mmproj_path(out_path: Path) -> Path:
+    """llama.cpp's naming: mmproj-<model file name> beside it."""
+    return out_path.parent / f"mmproj-{out_path.name}"
+
+
+def tensor_names(n_layers: int, prefix: str = "model.") -> dict[str, str]:
+    """{HF parameter name: GGUF tensor name}, from gguf's own name table; `prefix`: where the decoder sits
+    (model.language_model. in Mistral3)."""
     import gguf
 
     def name(t, bid=None) -> str:
         return gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight"
 
     T = gguf.MODEL_TENSOR
-    names = {"model.embed_tokens.weight": name(T.TOKEN_EMBD), "model.norm.weight": name(T.OUTPUT_NORM),
+    names = {f"{prefix}embed_tokens.weight": name(T.TOKEN_EMBD), f"{prefix}norm.weight": name(T.OUTPUT_NORM),
              "lm_head.weight": name(T.OUTPUT)}
     per_layer = {"self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
                  "self_attn.o_proj": T.ATTN_OUT, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
                  "mlp.down_proj": T.FFN_DOWN, "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM}
     for i in range(n_layers):
-        names.update({f"model.layers.{i}.{hf}.weight": name(t, i) for hf, t in per_layer.items()})
+        names.update({f"{prefix}layers.{i}.{hf}.weight": name(t, i) for hf, t in per_layer.items()})
     return names
+
+
+def add_hparams(writer, config) -> None:
+    """llama.* hyperparameters of the decoder (a MistralConfig)."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)  # 128 for Magistral, != 5120 / 32 = 160: must be explicit
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def add_general(writer, name: str, n_params: int) -> None:
+    """The general.* keys llama.cpp's converter writes for a model it cannot name from a model card."""
+    import gguf
+    from gguf.utility import size_label
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_basename(name)
+    writer.add_size_label(size_label(n_params, 0, 0, 0))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def add_template(writer, tokenizer_file: Path) -> list[str]:
+    """tokenizer.chat_template: mistral-common's v13 layout (chat_template.py); other versions get none."""
+    from magistune.export.chat_template import CHAT_TEMPLATE
+    from magistune.tokenizer import load_tokenizer, tokenizer_version
+
+    version = tokenizer_version(load_tokenizer(tokenizer_file))
+    if version != "v13":
+        return [f"no tokenizer.chat_template: the template reproduces tokenizer v13 (Magistral); this one is {version} "
+                "(format prompts with mistral-common, or give llama.cpp --chat-template-file)"]
+    writer.add_chat_template(CHAT_TEMPLATE)
+    return []
 
 
 def add_vocab(writer, tokenizer_file: Path) -> list[str]:
@@ -112,37 +179,36 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
     model_dir, out_path = Path(model_dir), Path(out_path)
     if dtype not in ("bf16", "f16"):
         raise ValueError(f"GGUF dtype must be bf16 or f16, got {dtype}")
-    config = text_config(model_dir, "GGUF export")  # refuses Mistral3 (vision) with a clear message
+    full, config = gguf_configs(model_dir)
     tokenizer_file = Path(tokenizer_file) if tokenizer_file else find_tokenizer_file(model_dir)
     located = read_specs(checkpoint_files(model_dir))
-    loaded_name = param_names(config, [s.name for _, s in located])
-    gguf_name = tensor_names(config.num_hidden_layers)
-    missing = [s.name for _, s in located if loaded_name[s.name] not in gguf_name]
+    loaded_name = param_names(full, [s.name for _, s in located])
+    gguf_name = tensor_names(config.num_hidden_layers, "model.language_model." if full is not config else "model.")
+    vision = [s.name for _, s in located if loaded_name[s.name].startswith(VISION_PREFIXES)]
+    missing = [s.name for _, s in located if loaded_name[s.name] not in gguf_name and s.name not in vision]
     if missing:
         raise ValueError(f"{model_dir}: tensors with no GGUF name: {missing[:5]}")
+    if full is not config:  # Mistral3: the tower and projector go to their own mmproj file
+        from magistune.export.gguf_mmproj import export_mmproj
+        from magistune.tokenizer import SpecialIds, load_tokenizer
+
+        img_break = SpecialIds.of(load_tokenizer(tokenizer_file)).img_break
+        mmproj = export_mmproj(full, located, loaded_name, mmproj_path(out_path), dtype, img_break, model_dir.name)
+        print(f"note: GGUF: wrote the vision tower and projector to {mmproj}", file=sys.stderr)
+        located = [(p, s) for p, s in located if s.name not in vision]
 
     writer = gguf.GGUFWriter(out_path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(model_dir.name)
+    add_general(writer, model_dir.name, sum(int(np.prod(s.shape)) for _, s in located))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)  # 128 for Magistral, != 5120 / 32 = 160: must be explicit
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    add_hparams(writer, config)
     notes = add_vocab(writer, tokenizer_file)
+    notes += add_template(writer, tokenizer_file)
 
     heads = {"self_attn.q_proj.weight": config.num_attention_heads, "self_attn.k_proj.weight": config.num_key_value_heads}
     bf16 = dtype == "bf16"
 
     def convert(key: str, w: torch.Tensor) -> np.ndarray:
-        n = heads.get(loaded_name[key].split(".", 3)[-1])
+        n = next((h for suffix, h in heads.items() if loaded_name[key].endswith(suffix)), None)
         if n:
             w = to_native(w, n)
         if w.dim() == 1:
@@ -172,7 +238,6 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
     finally:
         reader.close()
         writer.close()
-    notes.append(MISSING)
     for note in notes:
         print(f"note: GGUF: {note}", file=sys.stderr)
     return notes

@@ -79,3 +79,34 @@ def run_evaluate(loaded: Loaded, cfg: Config, samples: list, split: str, dataset
         Path(output).write_text(text + "\n", encoding="utf-8")
         print(f"wrote {output}", file=sys.stderr)
     return 0
+
+
+def merge_cost(cfg: Config, merged_dir: Path, device) -> dict | str:
+    """The eval split's loss of the model as trained (the adapter on its base, 4-bit again for QLoRA) and of the
+    merged one (bf16 weights, the adapter folded in), one after the other; or why it was not measured."""
+    from magistune.data.errors import DataError
+    from magistune.infer.loading import load_for_inference, resolve_source
+    from magistune.tokenizer import TokenizerError
+
+    if not cfg.val_set_size:
+        return "no eval split (val_set_size is 0): merge cost not measured"
+    try:
+        samples, _ = select_samples(cfg, False, None)
+    except (ConfigError, DataError, TokenizerError) as e:
+        return f"merge cost not measured: {e}"
+    out = {}
+    for name, source in (("as_trained", resolve_source(cfg)), ("merged", resolve_source(cfg, model=str(merged_dir)))):
+        print(f"evaluating {name.replace('_', ' ')}: {source.describe()}", file=sys.stderr, flush=True)
+        loaded = load_for_inference(source, device)
+        out[name] = evaluate_loaded(loaded, samples, cfg.micro_batch_size)
+        del loaded
+    return out
+
+
+def format_merge_cost(cost: dict | str) -> str:
+    if isinstance(cost, str):
+        return cost
+    a, m = cost["as_trained"], cost["merged"]
+    return (f"eval split ({a['samples']} samples, {a['trained_tokens']} trained tokens): loss as trained "
+            f"{a['loss']:.6f} (ppl {a['ppl']:.4g}), merged {m['loss']:.6f} (ppl {m['ppl']:.4g}), "
+            f"difference {m['loss'] - a['loss']:+.6f}")

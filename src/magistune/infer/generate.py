@@ -2,6 +2,9 @@
 
 Input: one JSON object per line with a `messages` list (OpenAI format, the last turn from the user or a tool)
 and optionally `tools`. The config's system prompt is added to conversations without one, as in training.
+A vision model (Magistral Small 2509) takes image parts exactly as training data does: paths relative to the
+input file's folder (and inside it unless allow_image_paths_outside_dataset), data: URIs, http(s) URLs with
+allow_image_urls: true.
 
 Output: one line per non-blank input line, in input order, with the input object's own fields kept and
 
@@ -22,13 +25,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from magistune.data.errors import RecordError
 from magistune.data.sources import BadLine, SourceError, iter_text_lines, not_text
 from magistune.infer.loading import Loaded
-from magistune.infer.prompts import build_request, encode_prompt
+from magistune.data.build import image_options
+from magistune.infer.prompts import build_request, encode_with_images, image_inputs, takes_images
 from magistune.infer.sampling import SamplingOptions, generate_ids, make_generator, max_positions
 from magistune.infer.text import decode_text
 from magistune.infer.thinking import Completion
@@ -42,11 +46,13 @@ class Slot:
     row: dict | None  # the input object (None when the line is not a JSON object)
     ids: list[int] | None = None
     error: str | None = None
+    images: list = field(default_factory=list)  # (C, H, W) pixels of the prompt's images, in token order
 
 
 def read_slots(path: Path, loaded: Loaded, system_prompt: str | None) -> list[Slot]:
     """Every non-blank line → a Slot: encoded, or with the reason it cannot be."""
     limit = max_positions(loaded.model)
+    images = image_options(loaded.source.cfg, path.parent) if takes_images(loaded.tokenizer) else None
     slots = []
     for n, line in iter_text_lines(path, str(path)):  # a line that is not UTF-8 is one bad row; a BOM is fine
         if isinstance(line, str) and not line.strip():
@@ -67,8 +73,9 @@ def read_slots(path: Path, loaded: Loaded, system_prompt: str | None) -> list[Sl
                 raise RecordError("wrong_type", f"a line must be a JSON object, got {type(row).__name__}")
             if (bad := not_text(row)) is not None:
                 raise RecordError("invalid_utf8", bad)
-            request = build_request(row.get("messages"), row.get("tools"), system_prompt)
-            slot.ids = encode_prompt(loaded.tokenizer, request)
+            request = build_request(row.get("messages"), row.get("tools"), system_prompt, loaded.special.has_think,
+                                    images)
+            slot.ids, slot.images = encode_with_images(loaded.tokenizer, request)
             if len(slot.ids) >= limit:
                 raise RecordError("too_long", f"the prompt has {len(slot.ids)} tokens; the model's context is {limit}")
         except RecordError as e:
@@ -145,8 +152,9 @@ def run_generate(loaded: Loaded, input_path: Path, output_path: Path, opts: Samp
         for start in range(0, len(runnable), batch_size):
             batch = runnable[start:start + batch_size]
             with loaded.autocast():
+                pixels = image_inputs([a for s in batch for a in s.images], loaded.device)
                 outs = generate_ids(loaded.model, [s.ids for s in batch], loaded.special.eos, loaded.special.pad, opts,
-                                    generator=generator)
+                                    generator=generator, images=pixels)
             for s, ids in zip(batch, outs):
                 s.row = output_row(s, completion_fields(Completion.parse(ids, loaded.special), loaded))
             write_until(position[id(batch[-1])] + 1)

@@ -30,6 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from magistune.config import Config
 from magistune.model.load import ModelError
 from magistune.model.parts import decoder_prefix, in_decoder, vision_parts
+from magistune.model_files.system_prompt import resolve_system_prompt, write_prompt_file
 
 # Module types LoRA can wrap (bitsandbytes' Linear4bit is an nn.Linear).
 LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv2d)
@@ -141,12 +142,32 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, is_trainable: bool =
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
 
 
+def keep_declared_dtype(out_dir: Path, cfg: Config) -> None:
+    """config.json's `dtype` (and text_config's) back to what the base model's config.json declares."""
+    import json
+
+    from magistune.model_files import resolve_model_dir
+
+    base = json.loads((resolve_model_dir(cfg.base_model, cfg.config_dir) / "config.json").read_text(encoding="utf-8"))
+    saved = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    changed = False
+    for src, dst in ((base, saved), (base.get("text_config") or {}, saved.get("text_config") or {})):
+        declared = src.get("dtype", src.get("torch_dtype"))
+        if declared and dst.get("dtype", declared) != declared:
+            dst["dtype"], changed = declared, True
+    if changed:
+        (out_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_trained(model: nn.Module, out_dir: str | Path, cfg: Config, tokenizer_file: str | Path | None = None) -> Path:
     """Save what was trained to `out_dir`.
 
     Adapters: adapter_config.json + adapter_model.safetensors (the base model is not copied).
     Full fine-tuning: config.json + model*.safetensors, loadable with from_pretrained.
-    `tokenizer_file` (tekken.json) is copied next to them, so the folder can be used as a base_model.
+    A full model keeps the weights as trained (fp32 on a CPU), so evaluate and resume see exactly them, and the
+    base model's declared dtype in config.json, which `export` writes by default (bf16 for Magistral, not twice that).
+    `tokenizer_file` (tekken.json) is copied next to them, so the folder can be used as a base_model, and the
+    system prompt the data was encoded with is kept as SYSTEM_PROMPT.txt, so inference uses the same one.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +177,8 @@ def save_trained(model: nn.Module, out_dir: str | Path, cfg: Config, tokenizer_f
         model.save_pretrained(out_dir)
     else:
         model.save_pretrained(out_dir, safe_serialization=True)
+        keep_declared_dtype(out_dir, cfg)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out_dir / Path(tokenizer_file).name)
+    write_prompt_file(out_dir, resolve_system_prompt(cfg))
     return out_dir

@@ -84,12 +84,13 @@ def max_positions(model: nn.Module) -> int:
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: list[list[int]], eos: int, pad: int, opts: SamplingOptions,
                  on_step: Callable[[list[int | None]], None] | None = None,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, images: dict | None = None) -> list[list[int]]:
     """Generate for every prompt at once. Returns each row's new ids, ending with `eos` when it stopped.
 
     A row stops at `eos`, after `opts.max_tokens` ids, or when it reaches the model's max_position_embeddings.
     `on_step` receives, after each step, every row's new id (None for rows already done). `generator` (from
-    make_generator) continues a seeded stream; without one, a fresh one is seeded from opts.seed.
+    make_generator) continues a seeded stream; without one, a fresh one is seeded from opts.seed. `images`:
+    pixel_values / image_sizes of every prompt's images in token order (prompts.image_inputs), for the prefill.
     Raises ValueError if a prompt is empty or already fills the context.
     """
     device = next(model.parameters()).device
@@ -113,7 +114,8 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], eos: int, pad: int,
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     kv = cache_name(model)
-    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   **(images or {}))
     cache = result[kv]
     while True:
         next_ids = sample_next(result.logits[:, -1, :], opts, generator).tolist()

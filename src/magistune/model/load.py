@@ -139,10 +139,27 @@ def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=Non
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = _nf4_config(cls, config, dtype, sharded=cfg.fsdp)
     model = cls.from_pretrained(model_dir, config=config, **kwargs)
+    if cfg.load_in_4bit and device.type == "cpu":
+        keep_4bit_layout_on_cpu(model)
 
     if cfg.adapter is None and cfg.unfrozen_parameters:
         freeze_except(model, cfg.unfrozen_parameters)
     return model, model_info(model)
+
+
+def keep_4bit_layout_on_cpu(model: nn.Module) -> int:
+    """bitsandbytes (>= 0.48) on a CPU with AVX512-BF16 repacks a Linear4bit's weight in place on its first eval-mode
+    forward and from then on multiplies with its `gemv_4bit` CPU kernel, which has no autograd: after a mid-training
+    eval, training backpropagates through it (torch warns "silently incorrect behavior"), and the eval after that
+    differs from a freshly loaded model's (magistune evaluate: 3e-5 on tiny-random). Turning that path off keeps one
+    layout and one kernel (dequantise + matmul) in training, training's evals and inference alike, so `evaluate`
+    equals the training eval bit for bit. Returns the number of layers set."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def empty_model(cfg: Config, model_dir: Path, device: torch.device) -> nn.Module:

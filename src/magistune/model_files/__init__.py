@@ -3,6 +3,8 @@
     resolve.py   base_model -> a local Hugging Face folder (tiny, local, native converted once, HF cache)
     tiny.py      `tiny-random` / `tiny-random-vision`, written once as ordinary Hugging Face folders
     native.py    Mistral's native layout -> Hugging Face's, and the name and rotary-row tables of both
+    native_vision.py   the same for Mistral3's Pixtral tower and projector (params.json's vision_encoder)
+    system_prompt.py   the default system prompt: SYSTEM_PROMPT.txt of the model folder, and what overrides it
     shards.py    safetensors read and written one tensor at a time
 
 Only the base (config, tokenizer) is imported here; `model` loads what these folders hold, `export` writes them.

@@ -33,9 +33,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, MistralConfig
+from transformers import GenerationConfig, Mistral3Config, MistralConfig
 
 from magistune.config import ConfigError
+from magistune.model_files.native_vision import mistral3_config, vision_names, vision_rotary_heads
 from magistune.model_files.shards import DEFAULT_SHARD_BYTES, TensorReader, TensorSpec, read_specs, write_sharded
 from magistune.tokenizer import SpecialIds, file_digest, find_tokenizer_file, load_tokenizer
 
@@ -67,9 +68,23 @@ def hf_to_native_names(n_layers: int) -> dict[str, str]:
     return names
 
 
-def rotary_heads(config: MistralConfig) -> dict[str, int]:
-    """{native tensor suffix: heads whose rows to_native / to_hf reorder}: wq and wk only."""
-    return {"attention.wq.weight": config.num_attention_heads, "attention.wk.weight": config.num_key_value_heads}
+def native_names(config: MistralConfig | Mistral3Config) -> dict[str, str]:
+    """{HF parameter name: native name}; Mistral3's decoder sits under model.language_model (native_vision.py)."""
+    if not isinstance(config, Mistral3Config):
+        return hf_to_native_names(config.num_hidden_layers)
+    text = {(f"model.language_model.{k[len('model.'):]}" if k.startswith("model.") else k): v
+            for k, v in hf_to_native_names(config.text_config.num_hidden_layers).items()}
+    return text | vision_names(config.vision_config.num_hidden_layers)
+
+
+def rotary_heads(config: MistralConfig | Mistral3Config) -> dict[str, int]:
+    """{native name: heads whose rows to_native / to_hf reorder}: every wq and wk, the decoder's and Pixtral's."""
+    text = config.text_config if isinstance(config, Mistral3Config) else config
+    heads = {}
+    for i in range(text.num_hidden_layers):
+        heads[f"layers.{i}.attention.wq.weight"] = text.num_attention_heads
+        heads[f"layers.{i}.attention.wk.weight"] = text.num_key_value_heads
+    return heads | (vision_rotary_heads(config) if isinstance(config, Mistral3Config) else {})
 
 
 def to_native(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -91,7 +106,7 @@ def native_to_hf(native_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT
     if not (native_dir / "params.json").is_file() or not files:
         raise NativeLayoutError(f"{native_dir}: not the native Mistral layout (params.json + consolidated*.safetensors)")
     params = json.loads((native_dir / "params.json").read_text(encoding="utf-8"))
-    for key in ("moe", "vision_encoder", "lora", "yarn", "quantization"):
+    for key in ("moe", "lora", "yarn", "quantization"):
         if params.get(key):
             raise NativeLayoutError(f"{native_dir / 'params.json'}: '{key}' is not supported by the conversion to Hugging Face")
     tok_file = find_tokenizer_file(native_dir)
@@ -102,13 +117,18 @@ def native_to_hf(native_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT
         hidden_size=params["dim"], num_hidden_layers=params["n_layers"], head_dim=params["head_dim"],
         intermediate_size=params["hidden_dim"], num_attention_heads=params["n_heads"],
         num_key_value_heads=params.get("n_kv_heads", params["n_heads"]), rms_norm_eps=params["norm_eps"],
-        vocab_size=params["vocab_size"], max_position_embeddings=params.get("max_seq_len", DEFAULT_MAX_SEQ_LEN),
+        vocab_size=params["vocab_size"], max_position_embeddings=params.get("max_position_embeddings", params.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)),
         rope_parameters={"rope_type": "default", "rope_theta": params.get("rope_theta", 10000.0)},
         sliding_window=params.get("sliding_window"), tie_word_embeddings=False, hidden_act="silu",
         bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, dtype=dtype,
         architectures=["MistralForCausalLM"],
     )
-    names = {nat: hf for hf, nat in hf_to_native_names(config.num_hidden_layers).items()}
+    if params.get("vision_encoder"):  # Magistral Small 2509: Pixtral + projector in front (native_vision.py)
+        try:
+            config = mistral3_config(params["vision_encoder"], config, str(native_dir / "params.json"))
+        except (KeyError, ValueError) as e:
+            raise NativeLayoutError(f"{native_dir / 'params.json'}: vision_encoder: {e}") from None
+    names = {nat: hf for hf, nat in native_names(config).items()}
     unknown = [s.name for _, s in located if s.name not in names]
     if unknown:
         raise NativeLayoutError(f"{native_dir}: tensors with no Hugging Face name: {unknown[:5]}")
@@ -120,7 +140,7 @@ def native_to_hf(native_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT
     def produce(spec: TensorSpec) -> torch.Tensor:
         name = source[spec.name]
         w = reader.get(name)
-        n = heads.get(name.split(".", 2)[-1])
+        n = heads.get(name)
         return to_hf(w, n).contiguous() if n else w
 
     out_dir.mkdir(parents=True, exist_ok=True)
