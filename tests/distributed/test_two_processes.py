@@ -256,7 +256,7 @@ def test_sharded_checkpoint_layout(runs):
     assert ckpt.is_complete(out)
     names = {p.name for p in (out / "dcp").iterdir()}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "config.json"} <= names
-    assert {p.name for p in (out / "rng").iterdir()} == {"rank0.pt", "rank1.pt"}
+    assert {p.name for p in (out / "rng").iterdir()} == {"rank0.json", "rank1.json"}
     state = ckpt.read_state(out)
     dtype = "float32" if runs["device"] == "cpu" else "bfloat16"
     assert state["parallel"] == {"mode": "fsdp", "world_size": 2, "kind": "full", "dtype": dtype}

@@ -194,3 +194,50 @@ def test_full_vision_checkpoint_resumes_through_from_pretrained(tmp_path):
         lora_path = ckpt.save_checkpoint(tmp_path / "lora", 1, lambda d: save_trained(lora_model, d, lora), opt, sched,
                                          {"step": 1}, ckpt.capture_rng())
         ckpt.full_model_source(c, lora_path)
+
+
+# --- no code from checkpoints (issue 12, item 1) ----------------------------------------------------------
+
+class _Payload:
+    """Unpickling this runs code: it writes a file (a crafted rng_state.pt of an 'older' checkpoint)."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.write_text, (self.target, "pwned"))
+
+
+def test_rng_state_is_json_and_nothing_is_unpickled(tmp_path, monkeypatch):
+    c = cfg(tmp_path, adapter="lora", lora_target_linear=True)
+    model, opt, sched = setup(c)
+    path = save(c, 1, model, opt, sched)
+    assert not (path / "rng_state.pt").exists()
+    import json as _json
+    assert set(_json.loads((path / "rng_state.json").read_text())) >= {"python", "numpy", "torch"}
+    real_load = torch.load
+
+    def safe_only(*a, **kw):
+        assert kw.get("weights_only") is True, "a checkpoint file was loaded with pickle"
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", safe_only)
+    ckpt.load_checkpoint(path, model, opt, sched)
+
+
+def test_pickled_rng_state_of_an_old_checkpoint_is_refused_unloaded(tmp_path):
+    c = cfg(tmp_path, adapter="lora", lora_target_linear=True)
+    model, opt, sched = setup(c)
+    path = save(c, 1, model, opt, sched)
+    (path / "rng_state.json").unlink(missing_ok=True)
+    target = tmp_path / "pwned.txt"
+    torch.save({"python": _Payload(target)}, path / "rng_state.pt")
+    with pytest.raises(ckpt.CheckpointError, match="rng_state.pt: a pickled RNG state"):
+        ckpt.load_checkpoint(path, model, opt, sched)
+    assert not target.exists()
+
+
+def test_a_malformed_rng_state_names_the_file(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="rng_state.json: not a valid RNG state"):
+        (tmp_path / "rng_state.json").write_text('{"python": [3]}')
+        ckpt.load_rng(tmp_path / "rng_state.json")

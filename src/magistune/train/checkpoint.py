@@ -7,7 +7,7 @@ A checkpoint holds everything the next step depends on:
       config.json, model*.safetensors                  the full model (Hugging Face format)
       optimizer.pt      AdamW moments: 2 × 4 bytes per trained parameter (8-bit AdamW: ~2 bytes)
       scheduler.pt      the LambdaLR step counter
-      rng_state.pt      python, numpy, torch CPU and CUDA generators (LoRA dropout draws from torch's)
+      rng_state.json    python, numpy, torch CPU and CUDA generators (LoRA dropout draws from torch's): JSON, no pickle
       trainer_state.json  step, data position (epoch, step of epoch), per-step losses, the logging window
       COMPLETE          written last: a folder without it is never resumed from
 
@@ -19,6 +19,7 @@ under a checkpoint name. Rotation (save_total_limit) renames a folder out of the
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -43,6 +44,12 @@ class CheckpointError(ValueError):
 
 
 # --- RNG ---------------------------------------------------------------------------------------------
+# Stored as JSON (integers, and the torch generators' byte states in base64), never pickled: loading a
+# checkpoint must not be able to run code. Checkpoints of older versions held a pickled rng_state.pt; they
+# are refused with a message rather than unpickled.
+RNG_FILE = "rng_state.json"
+LEGACY_RNG_FILE = "rng_state.pt"
+
 
 def capture_rng() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -57,6 +64,58 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
+
+
+def rng_to_json(state: dict) -> dict:
+    """capture_rng()'s state as plain JSON values."""
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    out = {"python": [version, list(internal), gauss],
+           "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+           "torch": _b64(state["torch"])}
+    if "cuda" in state:
+        out["cuda"] = [_b64(t) for t in state["cuda"]]
+    return out
+
+
+def rng_from_json(data: dict) -> dict:
+    """rng_to_json's output back as capture_rng()'s state; a malformed one raises ValueError/TypeError/KeyError."""
+    version, internal, gauss = data["python"]
+    name, keys, pos, has_gauss, cached = data["numpy"]
+    state = {"python": (int(version), tuple(int(i) for i in internal), None if gauss is None else float(gauss)),
+             "numpy": (str(name), np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)),
+             "torch": _bytes_tensor(data["torch"])}
+    if "cuda" in data:
+        state["cuda"] = [_bytes_tensor(t) for t in data["cuda"]]
+    return state
+
+
+def save_rng(path: Path, state: dict) -> None:
+    path.write_text(json.dumps(rng_to_json(state)), encoding="utf-8")
+
+
+def load_rng(path: Path) -> dict:
+    """The RNG state saved at `path` (a .json file); a legacy pickled rng_state.pt is refused, never loaded."""
+    legacy = path.with_name(LEGACY_RNG_FILE) if path.name == RNG_FILE else path.with_suffix(".pt")
+    if not path.is_file() and legacy.is_file():
+        raise CheckpointError(
+            f"{legacy}: a pickled RNG state written by an older magistune; loading pickle can run code hidden in the "
+            "file, so it is not loaded. Continue from this checkpoint's weights in a new output_dir instead "
+            "(lora_model_dir: for an adapter, base_model: for a full model), or resume a checkpoint of this version")
+    try:
+        return rng_from_json(json.loads(path.read_text(encoding="utf-8")))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the RNG state ({e.strerror or e})") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a valid RNG state ({type(e).__name__}: {e})") from None
 
 
 # --- finding checkpoints -----------------------------------------------------------------------------
@@ -174,7 +233,7 @@ def save_checkpoint(out_dir: Path, step: int, save_weights: Callable[[Path], Non
     save_weights(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state, tmp / "rng_state.pt")
+    save_rng(tmp / RNG_FILE, rng_state)
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
     return commit(out_dir, step, tmp, keep)
 
@@ -268,5 +327,5 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if restore_rng_now:
-        restore_rng(torch.load(path / "rng_state.pt", weights_only=False))  # our own file: numpy state is a tuple
+        restore_rng(load_rng(path / RNG_FILE))
     return read_state(path)

@@ -6,7 +6,7 @@ consolidated into what a one-process run writes (a PEFT adapter, or a Hugging Fa
       dcp/config.json                        full fine-tunes: the model config, for `magistune consolidate`
       adapter_config.json, adapter_model.safetensors   LoRA runs: the adapter, gathered on rank 0 (PEFT format)
       scheduler.pt        the LambdaLR step counter
-      rng/rank<r>.pt      every rank's RNG (LoRA dropout draws from it)
+      rng/rank<r>.json    every rank's RNG (LoRA dropout draws from it), JSON as in checkpoint.py
       trainer_state.json  as in checkpoint.py, plus "parallel": mode, world_size, kind (adapter | full), dtype
       tekken.json, COMPLETE
 
@@ -88,8 +88,8 @@ def save_sharded(ranks: Ranks, mode: str, dtype: torch.dtype, out: Path, step: i
     adapter = cfg.adapter is not None
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(adapter))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))  # fsyncs its files
-    rng_file = tmp / "rng" / f"rank{ranks.rank}.pt"
-    torch.save(rng, rng_file)
+    rng_file = tmp / "rng" / f"rank{ranks.rank}.json"
+    ckpt.save_rng(rng_file, rng)
     _fsync_file(rng_file)
     if adapter:
         _write_adapter(ranks, model, tmp)  # collective: gathers the adapter on rank 0
@@ -168,8 +168,7 @@ def load_sharded(ranks: Ranks, mode: str, path: Path, model, optimizer, schedule
         raise CheckpointError(f"{path}: does not match the model (missing {missing[:3]}, unexpected "
                               f"{list(result.unexpected_keys)[:3]}); lora_target_modules or the model changed?")
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_file = path / "rng" / f"rank{ranks.rank}.pt"
-    ckpt.restore_rng(torch.load(rng_file, weights_only=False))  # our own file: numpy's state is a tuple
+    ckpt.restore_rng(ckpt.load_rng(path / "rng" / f"rank{ranks.rank}.json"))
     return state
 
 
