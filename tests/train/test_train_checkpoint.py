@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips, atomic saves (a crash mid-save keeps the last good one), rotation, resolve."""
 
+import json
 import random
 from pathlib import Path
 
@@ -241,3 +242,44 @@ def test_a_malformed_rng_state_names_the_file(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="rng_state.json: not a valid RNG state"):
         (tmp_path / "rng_state.json").write_text('{"python": [3]}')
         ckpt.load_rng(tmp_path / "rng_state.json")
+
+
+# --- checksummed checkpoints (issue 12, item 4) -------------------------------------------------------------
+
+def _flip_bytes(f: Path, at: int) -> None:
+    data = bytearray(f.read_bytes())
+    data[at:at + 8] = bytes(255 - b for b in data[at:at + 8])  # same size, other tensor values
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:100]),
+     "adapter_model.safetensors: 100 bytes"),
+    (lambda p: _flip_bytes(p / "adapter_model.safetensors", -16), "SHA-256 differs"),
+    (lambda p: (p / "trainer_state.json").write_text("{not json"), "trainer_state.json"),
+    (lambda p: (p / "optimizer.pt").unlink(), "optimizer.pt: missing"),
+])
+def test_auto_skips_a_damaged_checkpoint_and_says_why(tmp_path, damage, reason):
+    c = cfg(tmp_path, adapter="lora", lora_target_linear=True, resume_from_checkpoint="auto")
+    model, opt, sched = setup(c)
+    good = save(c, 2, model, opt, sched)
+    bad = save(c, 4, model, opt, sched)
+    marker = json.loads((bad / "COMPLETE").read_text())["files"]
+    assert marker["optimizer.pt"]["size"] == (bad / "optimizer.pt").stat().st_size
+    assert len(marker["optimizer.pt"]["sha256"]) == 64
+    damage(bad)
+    path, note = ckpt.resolve_resume(c)
+    assert path == good
+    assert "skipped checkpoint-4" in note and reason in note
+    c.resume_from_checkpoint = str(bad)  # named explicitly: an error naming the file
+    with pytest.raises(ckpt.CheckpointError, match=f"{bad} is damaged: .*{reason.split(':')[0]}"):
+        ckpt.resolve_resume(c)
+
+
+def test_auto_with_only_damaged_checkpoints_is_an_error(tmp_path):
+    c = cfg(tmp_path, resume_from_checkpoint="auto")
+    model, opt, sched = setup(c)
+    bad = save(c, 2, model, opt, sched)
+    (bad / "scheduler.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="(?s)no intact checkpoint.*checkpoint-2: .*scheduler.pt: 0 bytes"):
+        ckpt.resolve_resume(c)

@@ -9,7 +9,8 @@ A checkpoint holds everything the next step depends on:
       scheduler.pt      the LambdaLR step counter
       rng_state.json    python, numpy, torch CPU and CUDA generators (LoRA dropout draws from torch's): JSON, no pickle
       trainer_state.json  step, data position (epoch, step of epoch), per-step losses, the logging window
-      COMPLETE          written last: a folder without it is never resumed from
+      COMPLETE          written last: the size and SHA-256 of every other file; a folder without it is never
+                        resumed from, one whose files do not match it is skipped (auto) or refused (a named one)
 
 Atomicity: everything is written into `.checkpoint-<step>.tmp/`, fsync'ed, marked COMPLETE, and only then
 renamed to `checkpoint-<step>/` (rename(2) is atomic on one filesystem). A crash or SIGKILL at any moment
@@ -20,6 +21,7 @@ under a checkpoint name. Rotation (save_total_limit) renames a folder out of the
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -144,20 +146,66 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(cfg) -> tuple[Path | None, str | None]:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # streaming: a 47 GB shard needs 1 MB of memory
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(root: Path) -> dict:
+    """Every file under `root` but the marker: {relative path: {"size": bytes, "sha256": hex}}."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MARKER)
+    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def damage(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be trusted (incomplete, a file missing, truncated or changed), or None."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"incomplete (no {MARKER} marker: the save was interrupted)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{marker}: unreadable marker ({type(e).__name__})"
+    if not isinstance(files, dict):
+        return None  # an older marker without sizes and checksums: nothing to compare
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{f}: {size} bytes, {want['size']} when it was saved (truncated or replaced)"
+        if _sha256(f) != want["sha256"]:
+            return f"{f}: its SHA-256 differs from the one recorded when it was saved (the file is damaged)"
+    return None
+
+
+def resolve_resume(cfg, verify: bool = True) -> tuple[Path | None, str | None]:
     """The checkpoint `resume_from_checkpoint` names, and a note. Raises CheckpointError if it cannot be used.
 
-    "auto": the newest complete checkpoint of output_dir, or None (start fresh, with a note).
-    A path: relative to the config's folder, else to output_dir; it must be a complete checkpoint.
+    "auto": the newest intact checkpoint of output_dir (damaged newer ones are skipped, and the note says why),
+    or None (start fresh, with a note) when there is none at all.
+    A path: relative to the config's folder, else to output_dir; it must be a complete, intact checkpoint.
+    `verify`: compare every file with the marker's sizes and checksums (reads the whole checkpoint).
     """
     value = cfg.resume_from_checkpoint
     if value is None:
         return None, None
     if value == "auto":
-        found = latest_checkpoint(cfg.out_dir.resolve())
-        if found is None:
+        found = list_checkpoints(cfg.out_dir.resolve())
+        if not found:
             return None, f"resume_from_checkpoint: auto: no complete checkpoint in {cfg.out_dir}; starting fresh"
-        return found, f"resuming from {found}"
+        skipped = []
+        for path in reversed(found):
+            why = damage(path) if verify else None
+            if why is None:
+                return path, "".join(f"skipped {s}\n" for s in skipped) + f"resuming from {path}"
+            skipped.append(f"{path.name}: {why}")
+        raise CheckpointError(f"resume_from_checkpoint: auto: no intact checkpoint in {cfg.out_dir}:\n  " +
+                              "\n  ".join(skipped))
     path = cfg.resolve(value)
     if not path.exists() and (cfg.out_dir / value).exists():
         path = cfg.out_dir / value
@@ -166,6 +214,10 @@ def resolve_resume(cfg) -> tuple[Path | None, str | None]:
     if not is_complete(path):
         raise CheckpointError(f"resume_from_checkpoint: {path}: incomplete checkpoint (no {MARKER} marker: the save "
                               "was interrupted); pick an earlier one or use resume_from_checkpoint: auto")
+    why = damage(path) if verify else None
+    if why is not None:
+        raise CheckpointError(f"resume_from_checkpoint: {path} is damaged: {why}; pick an earlier checkpoint or "
+                              "use resume_from_checkpoint: auto (the newest intact one)")
     return path, f"resuming from {path}"
 
 
@@ -208,8 +260,8 @@ def commit(out_dir: Path, step: int, tmp: Path, keep: int | None = None) -> Path
     same step), then keep only the newest `keep` complete checkpoints. One-process and sharded saves both end here."""
     final = out_dir / f"{PREFIX}{step}"
     _fsync_tree(tmp)
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
+    marker = {"step": step, "files": manifest(tmp)}  # sizes and SHA-256s: a damaged file is found on resume
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
     _fsync(tmp / MARKER)
     _fsync(tmp)
     old = None
@@ -252,7 +304,10 @@ def rotate(out_dir: Path, keep: int) -> list[Path]:
 # --- loading -----------------------------------------------------------------------------------------
 
 def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    try:
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def is_sharded(path: Path) -> bool:

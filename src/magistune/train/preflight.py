@@ -65,7 +65,7 @@ def preflight(cfg: Config) -> Preflight:
             raise ConfigError(f"lora_model_dir: {cfg.resolve(cfg.lora_model_dir)}: no adapter_config.json")
     check_writable(cfg.out_dir)
     resume, note = resolve_resume(cfg)
-    notes += [note] if note else []
+    notes += note.splitlines() if note else []
     device = pick_device()
     note = check_optimizer(cfg.optimizer, device)
     notes += [note] if note else []
