@@ -283,3 +283,49 @@ def test_auto_with_only_damaged_checkpoints_is_an_error(tmp_path):
     (bad / "scheduler.pt").write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="(?s)no intact checkpoint.*checkpoint-2: .*scheduler.pt: 0 bytes"):
         ckpt.resolve_resume(c)
+
+
+# --- disk full (issue 12, item 6) ---------------------------------------------------------------------------
+
+def _fake_disk(monkeypatch, free: int):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+
+
+def test_disk_full_removes_the_partial_save_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    c = cfg(tmp_path)
+    model, opt, sched = setup(c)
+    good = save(c, 1, model, opt, sched)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    _fake_disk(monkeypatch, free=3 * 10**8)
+    with pytest.raises(ckpt.NoSpace) as info:
+        save(c, 2, model, opt, sched)
+    size = ckpt.folder_size(good)
+    assert f"no space left on {c.out_dir}: {size / 1e9:.1f} GB needed for checkpoint-2, 0.3 GB free" in str(info.value)
+    assert "newest: checkpoint-1" in str(info.value)
+    assert sorted(p.name for p in c.out_dir.iterdir()) == ["checkpoint-1"]  # no .checkpoint-2.tmp left
+    assert ckpt.damage(good) is None
+
+
+def test_space_warning_before_a_save_that_will_not_fit(tmp_path, monkeypatch):
+    c = cfg(tmp_path)
+    model, opt, sched = setup(c)
+    assert ckpt.space_warning(c.out_dir) is None  # nothing saved yet: nothing to compare with
+    good = save(c, 1, model, opt, sched)
+    size = ckpt.folder_size(good)
+    _fake_disk(monkeypatch, free=size + 1)
+    assert ckpt.space_warning(c.out_dir) is None
+    _fake_disk(monkeypatch, free=size // 2)
+    assert "the last checkpoint (checkpoint-1) took" in ckpt.space_warning(c.out_dir)

@@ -148,3 +148,30 @@ def test_full_fine_tune_resumes_exactly(make, capsys, fast_tokenizer):
         for key in ("loss", "eval_loss", "lr", "grad_norm"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
+
+
+def test_disk_full_during_a_save_is_a_message_not_a_traceback(make, capsys, monkeypatch, fast_tokenizer):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def full_on_second_save(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_on_second_save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 5 * 10**6, 5 * 10**6))
+    path = make(max_steps=4, save_steps=2)
+    rc, err = train_rc(path, capsys)
+    out = path.parent / "out"
+    assert rc == 1
+    assert f"error: no space left on {out}" in err and "0.0 GB free" in err and "Traceback" not in err
+    assert "warning: 0.0 GB free" in err  # said before the save that failed
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not list(out.glob(".checkpoint-*"))

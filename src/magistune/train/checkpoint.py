@@ -21,6 +21,7 @@ under a checkpoint name. Rotation (save_total_limit) renames a folder out of the
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,13 @@ _STALE = re.compile(r"^\.checkpoint-\d+\.(tmp|old|deleting)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: the message names the folder and the reason."""
+
+
+class NoSpace(Exception):
+    """A save that ran out of disk space: the partial folder is removed, the earlier checkpoints are kept."""
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 # --- RNG ---------------------------------------------------------------------------------------------
@@ -280,14 +288,65 @@ def commit(out_dir: Path, step: int, tmp: Path, keep: int | None = None) -> Path
 def save_checkpoint(out_dir: Path, step: int, save_weights: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict, rng_state: dict,
                     keep: int | None = None) -> Path:
-    """Write `checkpoint-<step>/` atomically, then keep only the newest `keep` complete checkpoints."""
+    """Write `checkpoint-<step>/` atomically, then keep only the newest `keep` complete checkpoints.
+    Out of disk space: NoSpace, after removing the partial folder (the earlier checkpoints stay)."""
     tmp = start(out_dir, step)
-    save_weights(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    save_rng(tmp / RNG_FILE, rng_state)
-    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
-    return commit(out_dir, step, tmp, keep)
+    try:
+        save_weights(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_rng(tmp / RNG_FILE, rng_state)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+        return commit(out_dir, step, tmp, keep)
+    except OSError as e:
+        if not is_no_space(e):
+            raise  # a crash mid-save: the .tmp folder stays until the next save clears it
+        raise no_space(out_dir, step, tmp) from None
+
+
+# --- disk space --------------------------------------------------------------------------------------
+
+def is_no_space(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a library wrapped the OSError (its __cause__ or __context__)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def no_space(out_dir: Path, step: int, tmp: Path) -> NoSpace:
+    """The error of a save that filled the disk; removes the partial `tmp` folder first."""
+    written = folder_size(tmp) if tmp.exists() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    last = latest_checkpoint(out_dir)
+    need = max(written, folder_size(last) if last else 0)
+    free = shutil.disk_usage(out_dir).free
+    return NoSpace(f"no space left on {out_dir}: {'' if last else 'at least '}{_gb(need)} needed for "
+                   f"checkpoint-{step}, {_gb(free)} free. The partial save was removed; the earlier checkpoints are "
+                   f"kept (newest: {last.name if last else 'none'}). Free some space (save_total_limit keeps fewer "
+                   "checkpoints) or move output_dir to a larger disk, then resume_from_checkpoint: auto")
+
+
+def space_warning(out_dir: Path) -> str | None:
+    """A warning when the disk of `out_dir` has less free space than the last checkpoint took (the next save
+    is as large, and the old ones are rotated out only after it is complete)."""
+    last = latest_checkpoint(out_dir)
+    if last is None:
+        return None
+    need, free = folder_size(last), shutil.disk_usage(out_dir).free
+    if free >= need:
+        return None
+    return (f"warning: {_gb(free)} free on {out_dir}, the last checkpoint ({last.name}) took {_gb(need)}: the next "
+            "save will probably not fit. Free some space now (save_total_limit keeps fewer checkpoints)")
 
 
 def rotate(out_dir: Path, keep: int) -> list[Path]:

@@ -15,6 +15,7 @@ wrong (nothing was trained); 130 interrupted (Ctrl-C / SIGTERM: a checkpoint of 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 
@@ -159,7 +160,7 @@ class SFT:
                     raise Interrupted
             if data.eval:
                 self.run_eval()
-        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError) as e:
+        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError, ckpt.NoSpace) as e:
             return self.stopped(e)
         finally:
             stop.restore()
@@ -218,6 +219,9 @@ class SFT:
 
     def save(self, at: int) -> None:
         cfg, tokenizer_file = self.cfg, self.data.tokenizer_file
+        warning = ckpt.space_warning(self.out)  # less free space than the last checkpoint took
+        if warning:
+            self.log.message(warning)
         trainer_state = {"step": at, "total_steps": self.total, "position": self.position.to_dict(),
                          "losses": self.losses, "window": self.window.to_dict(), "n_train_samples": len(self.data.train),
                          "steps_per_epoch": self.spe}
@@ -229,9 +233,16 @@ class SFT:
     def stopped(self, e: BaseException) -> int:
         """The exit code of a run that did not finish, after saying why (and saving, after a stop signal)."""
         step, last = self.step, ckpt.latest_checkpoint(self.out)
+        if isinstance(e, ckpt.NoSpace):
+            self.log.message(f"error: {e}")
+            return 1
         if isinstance(e, Interrupted):
             if step > 0 and not ckpt.is_complete(self.out / f"{ckpt.PREFIX}{step}"):
-                self.save(step)
+                try:
+                    self.save(step)
+                except ckpt.NoSpace as err:
+                    self.log.message(f"error: {err}")
+                    return 1
             self.log.message(f"interrupted after step {step}; resume with resume_from_checkpoint: auto")
             return 130
         if isinstance(e, KeyboardInterrupt):
@@ -250,7 +261,15 @@ class SFT:
 
     def finish(self) -> int:
         cfg, out = self.cfg, self.out
-        save_trained(self.model, out, cfg, self.data.tokenizer_file)
+        try:
+            save_trained(self.model, out, cfg, self.data.tokenizer_file)
+        except OSError as e:
+            if not ckpt.is_no_space(e):
+                raise
+            self.say(f"error: no space left on {out} for the final {'adapter' if cfg.adapter else 'model'} "
+                     f"({shutil.disk_usage(out).free / 1e9:.1f} GB free); the trained weights are in "
+                     f"{ckpt.latest_checkpoint(out)}")
+            return 1
         png = plot_losses(self.log.path, out / "loss.png")
         done = [loss for _, loss in self.losses if loss is not None]
         self.say(f"done: {self.step} steps, loss {done[0]:.4f} → {done[-1]:.4f}" if done else f"done: {self.step} steps")

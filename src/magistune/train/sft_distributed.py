@@ -189,7 +189,7 @@ class SFTDistributed:
                     raise Interrupted
             if data.eval:
                 self.run_eval()
-        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError) as e:
+        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError, ckpt.NoSpace) as e:
             return self.stopped(e)
         finally:
             stop.restore()
@@ -250,6 +250,9 @@ class SFTDistributed:
 
     def save(self, at: int) -> None:
         cfg, tokenizer_file = self.cfg, self.data.tokenizer_file
+        warning = ckpt.space_warning(self.out)  # less free space than the last checkpoint took
+        if warning:
+            self.log.message(warning)
         trainer_state = {"step": at, "total_steps": self.total, "position": self.position.to_dict(),
                          "losses": self.losses, "window": self.window.to_dict(), "n_train_samples": len(self.data.train),
                          "steps_per_epoch": self.spe}
@@ -261,9 +264,16 @@ class SFTDistributed:
     def stopped(self, e: BaseException) -> int:
         """The exit code of a run that did not finish, after saying why (and saving, after a stop signal)."""
         step, last = self.step, ckpt.latest_checkpoint(self.out)
+        if isinstance(e, ckpt.NoSpace):
+            self.log.message(f"error: {e}")
+            return 1
         if isinstance(e, Interrupted):
             if step > 0 and not ckpt.is_complete(self.out / f"{ckpt.PREFIX}{step}"):
-                self.save(step)
+                try:
+                    self.save(step)
+                except ckpt.NoSpace as err:
+                    self.log.message(f"error: {err}")
+                    return 1
             self.log.message(f"interrupted after step {step}; resume with resume_from_checkpoint: auto")
             return 130
         if isinstance(e, KeyboardInterrupt):
