@@ -229,6 +229,41 @@ def resolve_resume(cfg, verify: bool = True) -> tuple[Path | None, str | None]:
     return path, f"resuming from {path}"
 
 
+# --- the same run? -----------------------------------------------------------------------------------
+# The keys that change what a step trains on or how many steps there are: a checkpoint resumed under other
+# values would continue another run (other data, another model or adapter, another schedule length).
+RUN_KEYS = ("base_model", "tokenizer_path", "datasets", "sequence_len", "excess_length_strategy", "val_set_size",
+            "system_prompt", "system_prompt_file", "sample_packing", "adapter", "load_in_4bit", "load_in_8bit",
+            "lora_model_dir", "lora_r", "lora_alpha", "lora_target_modules", "lora_target_linear", "peft_use_dora",
+            "peft_use_rslora", "unfrozen_parameters", "train_vision_tower", "train_projector", "micro_batch_size",
+            "gradient_accumulation_steps", "num_epochs", "max_steps", "seed", "rl")
+
+
+def run_config(resolved: dict) -> dict:
+    """The RUN_KEYS of a resolved config (preflight.resolved_config: paths absolute), as JSON values."""
+    return json.loads(json.dumps({k: resolved.get(k) for k in RUN_KEYS}))
+
+
+def check_same_run(path: Path, state: dict, now: dict, total: int, ignore_changes: bool) -> list[str]:
+    """Refuse to resume checkpoint `path` (its trainer `state`) into a run whose RUN_KEYS differ, unless
+    `ignore_changes`; then the notes name the changes. A checkpoint past the end of the schedule is refused."""
+    if state.get("step", 0) > total:
+        raise CheckpointError(f"{path} is at step {state['step']}, past the {total} steps of this config's schedule "
+                              "(another run's checkpoint, or max_steps / num_epochs lowered); choose another "
+                              "output_dir, or overwrite_output_dir: true without resume_from_checkpoint")
+    saved = state.get("run_config") or {}
+    changed = [f"{k}: {json.dumps(saved[k])} → {json.dumps(now.get(k))}" for k in RUN_KEYS
+               if k in saved and saved[k] != now.get(k)]
+    if not changed:
+        return []
+    if not ignore_changes:
+        raise CheckpointError(f"{path} was saved by a run with other settings:\n  " + "\n  ".join(changed) +
+                              "\nresuming would continue that run with this one's data/model/schedule. Restore "
+                              "those keys, choose another output_dir, or set resume_ignore_config_changes: true "
+                              "to resume anyway")
+    return [f"resume_ignore_config_changes: resuming {path.name} although {c}" for c in changed]
+
+
 # --- saving ------------------------------------------------------------------------------------------
 
 def _fsync(path: Path) -> None:

@@ -7,7 +7,6 @@ first second instead, with the key that is wrong.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,10 @@ import yaml
 
 from magistune.config import Config, ConfigError
 from magistune.model import pick_device  # preflight.pick_device: tests replace it to fake a GPU
+from magistune.paths import check_writable_dir
 from magistune.train.checkpoint import resolve_resume
 from magistune.train.optim import check_optimizer
+from magistune.train.run_dir import RunLock, claim_output_dir, lock_output_dir
 
 
 @dataclass
@@ -29,20 +30,18 @@ class Preflight:
     resume: Path | None
     device: torch.device
     notes: list[str]
+    lock: RunLock | None = None  # output_dir's lock, held until release() (or the process ends)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
-def check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir: {out_dir} is not writable ({e.strerror or e})") from None
+def preflight(cfg: Config, main: bool = True) -> Preflight:
+    """Check every path the run needs; raises ConfigError (or a subclass) naming the key.
 
-
-def preflight(cfg: Config) -> Preflight:
-    """Check every path the run needs; raises ConfigError (or a subclass) naming the key."""
+    `main`: this process owns output_dir (one process, or torchrun's rank 0): it takes the lock, checks for an
+    earlier run there and verifies the checkpoint to resume. Other ranks check the rest and skip these."""
     from magistune.data.sources import SourceError, open_source
     from magistune.model.load import check_model_dir, resolve_model_dir
 
@@ -63,15 +62,24 @@ def preflight(cfg: Config) -> Preflight:
             raise ConfigError("lora_model_dir: continues training a saved adapter; set adapter: lora or qlora")
         if not (cfg.resolve(cfg.lora_model_dir) / "adapter_config.json").is_file():
             raise ConfigError(f"lora_model_dir: {cfg.resolve(cfg.lora_model_dir)}: no adapter_config.json")
-    check_writable(cfg.out_dir)
-    resume, note = resolve_resume(cfg)
-    notes += note.splitlines() if note else []
+    check_writable_dir(cfg.out_dir, "output_dir")
     device = pick_device()
     note = check_optimizer(cfg.optimizer, device)
     notes += [note] if note else []
     if cfg.load_in_4bit and device.type == "cpu":
         notes.append("load_in_4bit on the CPU: bitsandbytes' CPU kernels are slow; fine for tiny models and tests")
-    return Preflight(model_dir, resume, device, notes)
+    if not main:
+        resume, note = resolve_resume(cfg, verify=False)
+        return Preflight(model_dir, resume, device, notes)
+    lock = lock_output_dir(cfg.out_dir)  # last: nothing after it can fail but the checks under it
+    try:
+        notes += claim_output_dir(cfg)
+        resume, note = resolve_resume(cfg)
+    except Exception:
+        lock.release()
+        raise
+    notes += note.splitlines() if note else []
+    return Preflight(model_dir, resume, device, notes, lock)
 
 
 def seed_everything(seed: int) -> None:

@@ -32,7 +32,9 @@ from magistune.train.loss import evaluate, forward_backward, loss_fn_for
 from magistune.train.metrics import MetricsLogger, Printer, Window, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
 from magistune.train.packing import packings_for
-from magistune.train.preflight import autocast_for, oom_advice, preflight, seed_everything, write_resolved_config
+from magistune.train.preflight import (
+    autocast_for, oom_advice, preflight, resolved_config, seed_everything, write_resolved_config,
+)
 from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, oom_summary
 
 SETUP_ERRORS = (ConfigError, ckpt.CheckpointError, OptimizerError, DataError, TokenizerError)
@@ -42,14 +44,18 @@ def train(cfg: Config) -> int:
     say = Printer()
     recipe = SFT(cfg, say)
     try:
-        recipe.setup()
-    except SETUP_ERRORS as e:
-        say(f"error: {e}")
-        return 2
-    except torch.OutOfMemoryError as e:
-        say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n{oom_advice(cfg, None)}")
-        return 1
-    return recipe.train()
+        try:
+            recipe.setup()
+        except SETUP_ERRORS as e:
+            say(f"error: {e}")
+            return 2
+        except torch.OutOfMemoryError as e:
+            say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n"
+                f"{oom_advice(cfg, None)}")
+            return 1
+        return recipe.train()
+    finally:
+        recipe.release()  # output_dir's lock
 
 
 class SFT:
@@ -57,6 +63,12 @@ class SFT:
 
     def __init__(self, cfg: Config, say: Printer):
         self.cfg, self.say = cfg, say
+        self.pre = None
+
+    def release(self) -> None:
+        """Give output_dir's lock back (the OS does it as well when the process ends)."""
+        if self.pre is not None:
+            self.pre.release()
 
     # --- setup: everything before the first step; an error here means nothing was trained ---------------------
     def setup(self) -> None:
@@ -77,6 +89,7 @@ class SFT:
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()  # "examples/../outputs/x" → "outputs/x" in messages
         write_resolved_config(cfg, self.pre.model_dir)
+        self.run_config = ckpt.run_config(resolved_config(cfg, self.pre.model_dir))  # saved in every checkpoint
         say(f"data: {len(data.train)} train + {len(data.eval)} eval samples, {sum(len(s) for s in data.train)} "
             f"train tokens ({sum(s.n_trained for s in data.train)} trained)")
         try:
@@ -132,6 +145,9 @@ class SFT:
                     f"{resume} was trained on {state.get('n_train_samples')} samples, the data now has {n_train}: "
                     "the data position cannot be restored. Start a new output_dir (lora_model_dir continues from "
                     "an adapter with fresh data)")
+            for note in ckpt.check_same_run(resume, state, self.run_config, self.total,
+                                            self.cfg.resume_ignore_config_changes):
+                self.say(f"note: {note}")
             self.say(f"resumed at step {state['step']} of {self.total}")
         self.step, self.position, self.losses = state["step"], DataPosition.from_dict(state["position"]), state["losses"]
         self.window = Window(**state["window"])
@@ -224,7 +240,7 @@ class SFT:
             self.log.message(warning)
         trainer_state = {"step": at, "total_steps": self.total, "position": self.position.to_dict(),
                          "losses": self.losses, "window": self.window.to_dict(), "n_train_samples": len(self.data.train),
-                         "steps_per_epoch": self.spe}
+                         "steps_per_epoch": self.spe, "run_config": self.run_config}
         path = ckpt.save_checkpoint(self.out, at, lambda d: save_trained(self.model, d, cfg, tokenizer_file),
                                     self.optimizer, self.scheduler, trainer_state, self.rng, cfg.save_total_limit)
         self.log.message(f"saved {path}")
