@@ -239,3 +239,19 @@ def test_a_run_holding_the_output_dir_lock_refuses_a_second(make, capsys, no_wei
     rc, err = train_rc(path, capsys)
     lock.release()
     assert rc == 2 and f"is in use by another magistune run (pid {os.getpid()}" in err
+
+
+# --- sequence_len against the model and the memory (issue 12, item 8) ----------------------------------------
+
+def test_sequence_len_beyond_the_models_positions_fails_before_weights_load(make, capsys, no_weights):
+    rc, err = train_rc(make(sequence_len=100_000), capsys)
+    assert rc == 2 and "sequence_len: 100000 is longer than the model's max_position_embeddings 40960" in err
+    assert "config.json" in err
+
+
+def test_padded_batches_that_cannot_fit_in_ram_fail_before_weights_load(make, capsys, no_weights, monkeypatch):
+    monkeypatch.setattr("magistune.train.preflight.available_ram", lambda: 8 * 10**9)
+    rc, err = train_rc(make(sequence_len=32768, pad_to_sequence_len=True, micro_batch_size=1), capsys)
+    assert rc == 2
+    assert "micro_batch_size 1 × 4 heads × 32768² × 4 bytes = 17.2 GB, more than the 8.0 GB of RAM" in err
+    assert "pad_to_sequence_len: false" in err

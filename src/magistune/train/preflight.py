@@ -47,7 +47,8 @@ def preflight(cfg: Config, main: bool = True) -> Preflight:
 
     notes: list[str] = []
     model_dir = resolve_model_dir(cfg.base_model, cfg.config_dir)
-    check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
+    model_config = check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
+    check_sequence_len(cfg, model_config.get_text_config(), model_dir)
     for i, ds in enumerate(cfg.datasets):
         try:
             open_source(ds, cfg)
@@ -64,6 +65,8 @@ def preflight(cfg: Config, main: bool = True) -> Preflight:
             raise ConfigError(f"lora_model_dir: {cfg.resolve(cfg.lora_model_dir)}: no adapter_config.json")
     check_writable_dir(cfg.out_dir, "output_dir")
     device = pick_device()
+    if device.type == "cpu":
+        check_padded_batch_fits(cfg, model_config.get_text_config())
     note = check_optimizer(cfg.optimizer, device)
     notes += [note] if note else []
     if cfg.load_in_4bit and device.type == "cpu":
@@ -80,6 +83,43 @@ def preflight(cfg: Config, main: bool = True) -> Preflight:
         raise
     notes += note.splitlines() if note else []
     return Preflight(model_dir, resume, device, notes, lock)
+
+
+def check_sequence_len(cfg: Config, text_config, model_dir: Path) -> None:
+    """sequence_len within the positions the model was built for (its config.json, read before any weight)."""
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit is not None and cfg.sequence_len > limit:
+        raise ConfigError(f"sequence_len: {cfg.sequence_len} is longer than the model's max_position_embeddings "
+                          f"{limit} ({model_dir / 'config.json'}); use at most {limit}")
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM available to a new allocation (MemAvailable of /proc/meminfo), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_padded_batch_fits(cfg: Config, text_config) -> None:
+    """On the CPU, pad_to_sequence_len makes every micro-batch sequence_len wide; the attention scores of one
+    layer (micro_batch_size × heads × sequence_len² fp32 values, which the CPU's attention materialises) must
+    fit in RAM, else the run would die in a huge allocation. The real need is higher: this is a floor."""
+    heads = getattr(text_config, "num_attention_heads", None)
+    ram = available_ram()
+    if not cfg.pad_to_sequence_len or heads is None or ram is None:
+        return
+    seq, mbs = cfg.sequence_len, cfg.micro_batch_size
+    need = mbs * heads * seq * seq * 4
+    if need > ram:
+        raise ConfigError(
+            f"sequence_len: {seq} with pad_to_sequence_len: every micro-batch is {seq} tokens wide, and one layer's "
+            f"attention scores alone take micro_batch_size {mbs} × {heads} heads × {seq}² × 4 bytes = "
+            f"{need / 1e9:.1f} GB, more than the {ram / 1e9:.1f} GB of RAM available. Lower sequence_len or "
+            "micro_batch_size, or set pad_to_sequence_len: false (batches as wide as their longest sample)")
 
 
 def seed_everything(seed: int) -> None:
