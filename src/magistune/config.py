@@ -191,6 +191,8 @@ class Config(_Strict):
     saves_per_epoch: int | None = Field(default=None, ge=1)
     save_total_limit: int | None = Field(default=None, ge=1)
     resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
+    resume_ignore_config_changes: bool = False  # resume although data/model/adapter/schedule keys changed
+    overwrite_output_dir: bool = False  # delete an earlier run's files in output_dir and start again
     logging_steps: int = Field(default=1, ge=1)
     output_dir: str = "./outputs"
 

@@ -120,7 +120,9 @@ def runs(request, tmp_path_factory, fast_tokenizer):
             {"name": "fsdp_lora_tiled", "config": str(root / "fsdp_lora_tiled.yaml")},
             {"name": "ddp_lora_tiled", "config": str(root / "ddp_lora_tiled.yaml")},
             {"name": "fsdp_full_offload", "config": str(root / "fsdp_full_offload.yaml")},
-            {"name": "disagree", "config": str(root / "fsdp_lora.yaml"), "overrides": {"1": {"learning_rate": 1e-3}}}]
+            {"name": "disagree", "config": str(root / "fsdp_lora.yaml"), "overrides": {"0": {"output_dir": "out_disagree"},
+                                                                       "1": {"learning_rate": 1e-3, "output_dir": "out_disagree"}}},
+            {"name": "refused", "config": str(root / "fsdp_lora.yaml")}]  # into fsdp_lora's finished run
     if device == "cpu":
         write(root, device, "ddp_lora_bf16", **{**LORA, **BF16}, gradient_accumulation_steps=1, ddp=True)
         write(root, device, "single_lora_bf16", **{**LORA, **BF16}, gradient_accumulation_steps=2,
@@ -159,7 +161,7 @@ def runs(request, tmp_path_factory, fast_tokenizer):
     log.seek(0)
     ranks = [json.loads(f.read_text()) if (f := root / f"results.rank{r}.json").is_file() else None for r in range(2)]
     return {"root": root, "log": log.read(), "ranks": ranks, "refs": refs, "rc": proc.returncode, "device": device,
-            "tol": TOLERANCE[device], "expected": {p["name"]: 2 if p["name"] == "disagree" else 0 for p in plan}}
+            "tol": TOLERANCE[device], "expected": {p["name"]: 2 if p["name"] in ("disagree", "refused") else 0 for p in plan}}
 
 
 def metrics(root: Path, name: str) -> list[dict]:
@@ -256,7 +258,7 @@ def test_sharded_checkpoint_layout(runs):
     assert ckpt.is_complete(out)
     names = {p.name for p in (out / "dcp").iterdir()}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "config.json"} <= names
-    assert {p.name for p in (out / "rng").iterdir()} == {"rank0.pt", "rank1.pt"}
+    assert {p.name for p in (out / "rng").iterdir()} == {"rank0.json", "rank1.json"}
     state = ckpt.read_state(out)
     dtype = "float32" if runs["device"] == "cpu" else "bfloat16"
     assert state["parallel"] == {"mode": "fsdp", "world_size": 2, "kind": "full", "dtype": dtype}
@@ -303,6 +305,13 @@ def test_rank_disagreement_is_an_error_naming_the_key(runs):
     assert "the ranks disagree" in log
     assert "config key learning_rate: rank 0 has 0.01, rank 1 has 0.001" in log
     assert "[rank 1] error: the ranks disagree" in log  # every rank stops, each saying why
+
+
+def test_an_earlier_run_is_refused_by_rank_0_and_every_rank_stops(runs):
+    """Rank 0 alone locks output_dir and looks for an earlier run; the other ranks stop with it, none waits."""
+    log = runs["log"]
+    assert f"error: output_dir: {runs['root'] / 'out_fsdp_lora'} holds an earlier run" in log
+    assert "[rank 1] error: stopped: rank 0 refused the run" in log
 
 
 def test_one_process_cannot_resume_a_sharded_checkpoint(runs, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips, atomic saves (a crash mid-save keeps the last good one), rotation, resolve."""
 
+import json
 import random
 from pathlib import Path
 
@@ -194,3 +195,137 @@ def test_full_vision_checkpoint_resumes_through_from_pretrained(tmp_path):
         lora_path = ckpt.save_checkpoint(tmp_path / "lora", 1, lambda d: save_trained(lora_model, d, lora), opt, sched,
                                          {"step": 1}, ckpt.capture_rng())
         ckpt.full_model_source(c, lora_path)
+
+
+# --- no code from checkpoints (issue 12, item 1) ----------------------------------------------------------
+
+class _Payload:
+    """Unpickling this runs code: it writes a file (a crafted rng_state.pt of an 'older' checkpoint)."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.write_text, (self.target, "pwned"))
+
+
+def test_rng_state_is_json_and_nothing_is_unpickled(tmp_path, monkeypatch):
+    c = cfg(tmp_path, adapter="lora", lora_target_linear=True)
+    model, opt, sched = setup(c)
+    path = save(c, 1, model, opt, sched)
+    assert not (path / "rng_state.pt").exists()
+    import json as _json
+    assert set(_json.loads((path / "rng_state.json").read_text())) >= {"python", "numpy", "torch"}
+    real_load = torch.load
+
+    def safe_only(*a, **kw):
+        assert kw.get("weights_only") is True, "a checkpoint file was loaded with pickle"
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", safe_only)
+    ckpt.load_checkpoint(path, model, opt, sched)
+
+
+def test_pickled_rng_state_of_an_old_checkpoint_is_refused_unloaded(tmp_path):
+    c = cfg(tmp_path, adapter="lora", lora_target_linear=True)
+    model, opt, sched = setup(c)
+    path = save(c, 1, model, opt, sched)
+    (path / "rng_state.json").unlink(missing_ok=True)
+    target = tmp_path / "pwned.txt"
+    torch.save({"python": _Payload(target)}, path / "rng_state.pt")
+    with pytest.raises(ckpt.CheckpointError, match="rng_state.pt: a pickled RNG state"):
+        ckpt.load_checkpoint(path, model, opt, sched)
+    assert not target.exists()
+
+
+def test_a_malformed_rng_state_names_the_file(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="rng_state.json: not a valid RNG state"):
+        (tmp_path / "rng_state.json").write_text('{"python": [3]}')
+        ckpt.load_rng(tmp_path / "rng_state.json")
+
+
+# --- checksummed checkpoints (issue 12, item 4) -------------------------------------------------------------
+
+def _flip_bytes(f: Path, at: int) -> None:
+    data = bytearray(f.read_bytes())
+    data[at:at + 8] = bytes(255 - b for b in data[at:at + 8])  # same size, other tensor values
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:100]),
+     "adapter_model.safetensors: 100 bytes"),
+    (lambda p: _flip_bytes(p / "adapter_model.safetensors", -16), "SHA-256 differs"),
+    (lambda p: (p / "trainer_state.json").write_text("{not json"), "trainer_state.json"),
+    (lambda p: (p / "optimizer.pt").unlink(), "optimizer.pt: missing"),
+])
+def test_auto_skips_a_damaged_checkpoint_and_says_why(tmp_path, damage, reason):
+    c = cfg(tmp_path, adapter="lora", lora_target_linear=True, resume_from_checkpoint="auto")
+    model, opt, sched = setup(c)
+    good = save(c, 2, model, opt, sched)
+    bad = save(c, 4, model, opt, sched)
+    marker = json.loads((bad / "COMPLETE").read_text())["files"]
+    assert marker["optimizer.pt"]["size"] == (bad / "optimizer.pt").stat().st_size
+    assert len(marker["optimizer.pt"]["sha256"]) == 64
+    damage(bad)
+    path, note = ckpt.resolve_resume(c)
+    assert path == good
+    assert "skipped checkpoint-4" in note and reason in note
+    c.resume_from_checkpoint = str(bad)  # named explicitly: an error naming the file
+    with pytest.raises(ckpt.CheckpointError, match=f"{bad} is damaged: .*{reason.split(':')[0]}"):
+        ckpt.resolve_resume(c)
+
+
+def test_auto_with_only_damaged_checkpoints_is_an_error(tmp_path):
+    c = cfg(tmp_path, resume_from_checkpoint="auto")
+    model, opt, sched = setup(c)
+    bad = save(c, 2, model, opt, sched)
+    (bad / "scheduler.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="(?s)no intact checkpoint.*checkpoint-2: .*scheduler.pt: 0 bytes"):
+        ckpt.resolve_resume(c)
+
+
+# --- disk full (issue 12, item 6) ---------------------------------------------------------------------------
+
+def _fake_disk(monkeypatch, free: int):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+
+
+def test_disk_full_removes_the_partial_save_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    c = cfg(tmp_path)
+    model, opt, sched = setup(c)
+    good = save(c, 1, model, opt, sched)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    _fake_disk(monkeypatch, free=3 * 10**8)
+    with pytest.raises(ckpt.NoSpace) as info:
+        save(c, 2, model, opt, sched)
+    size = ckpt.folder_size(good)
+    assert f"no space left on {c.out_dir}: {size / 1e9:.1f} GB needed for checkpoint-2, 0.3 GB free" in str(info.value)
+    assert "newest: checkpoint-1" in str(info.value)
+    assert sorted(p.name for p in c.out_dir.iterdir()) == ["checkpoint-1"]  # no .checkpoint-2.tmp left
+    assert ckpt.damage(good) is None
+
+
+def test_space_warning_before_a_save_that_will_not_fit(tmp_path, monkeypatch):
+    c = cfg(tmp_path)
+    model, opt, sched = setup(c)
+    assert ckpt.space_warning(c.out_dir) is None  # nothing saved yet: nothing to compare with
+    good = save(c, 1, model, opt, sched)
+    size = ckpt.folder_size(good)
+    _fake_disk(monkeypatch, free=size + 1)
+    assert ckpt.space_warning(c.out_dir) is None
+    _fake_disk(monkeypatch, free=size // 2)
+    assert "the last checkpoint (checkpoint-1) took" in ckpt.space_warning(c.out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_bad_config_fails_before_weights_load(make, capsys, no_weights, keys, me
 def test_unwritable_output_dir(make, capsys, no_weights, tmp_path):
     (tmp_path / "blocked").write_text("a file where the output folder should be")
     rc, err = train_rc(make(output_dir="blocked/run"), capsys)
-    assert rc == 2 and "output_dir:" in err and "not writable" in err
+    assert rc == 2 and "output_dir:" in err and "blocked is a file, not a folder" in err
 
 
 def test_paged_optimizer_on_cpu_is_a_note_not_an_error(make):
@@ -148,3 +149,109 @@ def test_full_fine_tune_resumes_exactly(make, capsys, fast_tokenizer):
         for key in ("loss", "eval_loss", "lr", "grad_norm"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
+
+
+def test_disk_full_during_a_save_is_a_message_not_a_traceback(make, capsys, monkeypatch, fast_tokenizer):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def full_on_second_save(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_on_second_save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 5 * 10**6, 5 * 10**6))
+    path = make(max_steps=4, save_steps=2)
+    rc, err = train_rc(path, capsys)
+    out = path.parent / "out"
+    assert rc == 1
+    assert f"error: no space left on {out}" in err and "0.0 GB free" in err and "Traceback" not in err
+    assert "warning: 0.0 GB free" in err  # said before the save that failed
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not list(out.glob(".checkpoint-*"))
+
+
+# --- output_dir belongs to one run (issue 12, items 2, 3, 7) ------------------------------------------------
+
+def test_a_second_run_into_an_earlier_runs_output_dir_is_refused(make, capsys, fast_tokenizer):
+    path = make(max_steps=2, save_steps=2)
+    assert train_rc(path, capsys)[0] == 0
+    out = path.parent / "out"
+    metrics = (out / "metrics.jsonl").read_text()
+    rc, err = train_rc(path, capsys)
+    assert rc == 2
+    assert f"output_dir: {out} holds an earlier run (" in err and "last checkpoint: checkpoint-2" in err
+    assert "resume_from_checkpoint: auto" in err and "overwrite_output_dir: true" in err
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_overwrite_output_dir_replaces_the_earlier_run(make, capsys, fast_tokenizer):
+    assert train_rc(make(max_steps=4, save_steps=2), capsys)[0] == 0
+    path = make(max_steps=2, save_steps=1, save_total_limit=1, overwrite_output_dir=True)
+    rc, err = train_rc(path, capsys)
+    out = path.parent / "out"
+    assert rc == 0, err
+    assert "overwrite_output_dir: deleted the earlier run's checkpoint-2, checkpoint-4, config.json" in err
+    # rotation kept the new run's newest checkpoint, not the old run's step 4
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    assert ckpt.read_state(out / "checkpoint-2")["total_steps"] == 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_refuses_a_checkpoint_of_another_schedule_or_data(make, capsys, fast_tokenizer):
+    assert train_rc(make(max_steps=4, save_steps=2), capsys)[0] == 0
+    rc, err = train_rc(make(max_steps=2, resume_from_checkpoint="auto"), capsys)
+    assert rc == 2 and "checkpoint-4 is at step 4, past the 2 steps" in err  # not "resumed at step 4 of 2"
+    rc, err = train_rc(make(max_steps=6, sequence_len=256, resume_from_checkpoint="auto"), capsys)
+    assert rc == 2 and "saved by a run with other settings" in err
+    assert "sequence_len: 512 → 256" in err and "max_steps: 4 → 6" in err and "resume_ignore_config_changes" in err
+    rc, err = train_rc(make(max_steps=6, resume_from_checkpoint="auto", resume_ignore_config_changes=True), capsys)
+    assert rc == 0, err
+    assert "resuming checkpoint-4 although max_steps: 4 → 6" in err and "resumed at step 4 of 6" in err
+
+
+def test_output_dir_beside_the_users_config_yaml_is_refused(tmp_path, capsys, no_weights):
+    import shutil
+
+    shutil.copyfile(DEMO, tmp_path / "data.jsonl")
+    own = tmp_path / "config.yaml"
+    text = yaml.safe_dump({"base_model": "tiny-random", "datasets": [{"path": "data.jsonl"}], "max_steps": 1,
+                           "output_dir": "."})
+    own.write_text(text, encoding="utf-8")
+    rc, err = train_rc(own, capsys)
+    assert rc == 2 and "holds a config.yaml that magistune did not write" in err
+    assert own.read_text(encoding="utf-8") == text
+
+
+def test_a_run_holding_the_output_dir_lock_refuses_a_second(make, capsys, no_weights):
+    from magistune.train.run_dir import lock_output_dir
+
+    path = make()
+    (path.parent / "out").mkdir()
+    lock = lock_output_dir(path.parent / "out")
+    rc, err = train_rc(path, capsys)
+    lock.release()
+    assert rc == 2 and f"is in use by another magistune run (pid {os.getpid()}" in err
+
+
+# --- sequence_len against the model and the memory (issue 12, item 8) ----------------------------------------
+
+def test_sequence_len_beyond_the_models_positions_fails_before_weights_load(make, capsys, no_weights):
+    rc, err = train_rc(make(sequence_len=100_000), capsys)
+    assert rc == 2 and "sequence_len: 100000 is longer than the model's max_position_embeddings 40960" in err
+    assert "config.json" in err
+
+
+def test_padded_batches_that_cannot_fit_in_ram_fail_before_weights_load(make, capsys, no_weights, monkeypatch):
+    monkeypatch.setattr("magistune.train.preflight.available_ram", lambda: 8 * 10**9)
+    rc, err = train_rc(make(sequence_len=32768, pad_to_sequence_len=True, micro_batch_size=1), capsys)
+    assert rc == 2
+    assert "micro_batch_size 1 × 4 heads × 32768² × 4 bytes = 17.2 GB, more than the 8.0 GB of RAM" in err
+    assert "pad_to_sequence_len: false" in err

@@ -11,7 +11,9 @@ Components:
     batches.py, packing.py     the data position, micro-batches, steps per epoch, each rank's share, packed rows
     loss.py, offload.py        the token-normalised loss, forward/backward of a step, eval; activation offloading
     optim.py                   optimizers and learning-rate schedules
-    checkpoint.py              one-process checkpoints: atomic save (start, commit), rotation, resume, RNG
+    checkpoint.py              one-process checkpoints: atomic save (start, commit), checksums, rotation, resume,
+                               disk space; rng.py: the RNG states as JSON (no pickle anywhere in a checkpoint)
+    run_dir.py                 output_dir belongs to one run: its lock, an earlier run refused or replaced
     metrics.py                 metrics.jsonl, TensorBoard, loss.png, the progress bar, what each rank prints
     stopping.py                stop signals at step boundaries, non-finite losses, out-of-memory messages
     preflight.py               what is checked before a weight loads: paths, device, seed, the resolved config

@@ -6,7 +6,7 @@ consolidated into what a one-process run writes (a PEFT adapter, or a Hugging Fa
       dcp/config.json                        full fine-tunes: the model config, for `magistune consolidate`
       adapter_config.json, adapter_model.safetensors   LoRA runs: the adapter, gathered on rank 0 (PEFT format)
       scheduler.pt        the LambdaLR step counter
-      rng/rank<r>.pt      every rank's RNG (LoRA dropout draws from it)
+      rng/rank<r>.json    every rank's RNG (LoRA dropout draws from it), JSON as in checkpoint.py
       trainer_state.json  as in checkpoint.py, plus "parallel": mode, world_size, kind (adapter | full), dtype
       tekken.json, COMPLETE
 
@@ -87,26 +87,48 @@ def save_sharded(ranks: Ranks, mode: str, dtype: torch.dtype, out: Path, step: i
     ranks.barrier()
     adapter = cfg.adapter is not None
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(adapter))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))  # fsyncs its files
-    rng_file = tmp / "rng" / f"rank{ranks.rank}.pt"
-    torch.save(rng, rng_file)
-    _fsync_file(rng_file)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))  # fsyncs its files
+        rng_file = tmp / "rng" / f"rank{ranks.rank}.json"
+        ckpt.save_rng(rng_file, rng)
+        _fsync_file(rng_file)
+        error = None
+    except Exception as e:  # noqa: BLE001 (every rank must learn of it before the next collective)
+        error = e
+    _stop_if_any_failed(ranks, error, out, step, tmp)
     if adapter:
         _write_adapter(ranks, model, tmp)  # collective: gathers the adapter on rank 0
+    error = None
     if ranks.is_main:
-        if not adapter:
-            _base(model).config.save_pretrained(tmp / DCP_DIR)
-        shutil.copyfile(tokenizer_file, tmp / Path(tokenizer_file).name)
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        state = dict(trainer_state, parallel={"mode": mode, "world_size": ranks.world,
-                                              "kind": "adapter" if adapter else "full",
-                                              "dtype": str(dtype).removeprefix("torch.")})
-        (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-    ranks.barrier()  # every rank's files are written (and fsynced by their writers)
-    if ranks.is_main:
-        ckpt.commit(out, step, tmp, cfg.save_total_limit)
-    ranks.barrier()  # nobody goes on (or rotates) before the checkpoint is in place
+        try:
+            if not adapter:
+                _base(model).config.save_pretrained(tmp / DCP_DIR)
+            shutil.copyfile(tokenizer_file, tmp / Path(tokenizer_file).name)
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            state = dict(trainer_state, parallel={"mode": mode, "world_size": ranks.world,
+                                                  "kind": "adapter" if adapter else "full",
+                                                  "dtype": str(dtype).removeprefix("torch.")})
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+            ckpt.commit(out, step, tmp, cfg.save_total_limit)  # every rank's files are written and fsynced
+        except Exception as e:  # noqa: BLE001
+            error = e
+    _stop_if_any_failed(ranks, error, out, step, tmp)  # also: nobody goes on before the checkpoint is in place
     return out / f"{PREFIX}{step}"
+
+
+def _stop_if_any_failed(ranks: Ranks, error: BaseException | None, out: Path, step: int, tmp: Path) -> None:
+    """Collective: if a rank's save failed, every rank raises (NoSpace when a disk was full, after rank 0
+    removed the partial folder), so that no rank waits for the others in the next collective."""
+    no_space = ranks.any(error is not None and ckpt.is_no_space(error))
+    if not ranks.any(error is not None):
+        return
+    if no_space:
+        failure = ckpt.no_space(out, step, tmp) if ranks.is_main else None
+        failure = ranks.broadcast_object(str(failure) if failure else None)
+        raise ckpt.NoSpace(failure)
+    if error is not None:
+        raise error
+    raise RuntimeError(f"checkpoint-{step}: another rank failed to save its part (see its message)")
 
 
 def _base(model):
@@ -168,8 +190,7 @@ def load_sharded(ranks: Ranks, mode: str, path: Path, model, optimizer, schedule
         raise CheckpointError(f"{path}: does not match the model (missing {missing[:3]}, unexpected "
                               f"{list(result.unexpected_keys)[:3]}); lora_target_modules or the model changed?")
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_file = path / "rng" / f"rank{ranks.rank}.pt"
-    ckpt.restore_rng(torch.load(rng_file, weights_only=False))  # our own file: numpy's state is a tuple
+    ckpt.restore_rng(ckpt.load_rng(path / "rng" / f"rank{ranks.rank}.json"))
     return state
 
 

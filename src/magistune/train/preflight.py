@@ -7,7 +7,6 @@ first second instead, with the key that is wrong.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,10 @@ import yaml
 
 from magistune.config import Config, ConfigError
 from magistune.model import pick_device  # preflight.pick_device: tests replace it to fake a GPU
+from magistune.paths import check_writable_dir
 from magistune.train.checkpoint import resolve_resume
 from magistune.train.optim import check_optimizer
+from magistune.train.run_dir import RunLock, claim_output_dir, lock_output_dir
 
 
 @dataclass
@@ -29,26 +30,25 @@ class Preflight:
     resume: Path | None
     device: torch.device
     notes: list[str]
+    lock: RunLock | None = None  # output_dir's lock, held until release() (or the process ends)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
-def check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir: {out_dir} is not writable ({e.strerror or e})") from None
+def preflight(cfg: Config, main: bool = True) -> Preflight:
+    """Check every path the run needs; raises ConfigError (or a subclass) naming the key.
 
-
-def preflight(cfg: Config) -> Preflight:
-    """Check every path the run needs; raises ConfigError (or a subclass) naming the key."""
+    `main`: this process owns output_dir (one process, or torchrun's rank 0): it takes the lock, checks for an
+    earlier run there and verifies the checkpoint to resume. Other ranks check the rest and skip these."""
     from magistune.data.sources import SourceError, open_source
     from magistune.model.load import check_model_dir, resolve_model_dir
 
     notes: list[str] = []
     model_dir = resolve_model_dir(cfg.base_model, cfg.config_dir)
-    check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
+    model_config = check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
+    check_sequence_len(cfg, model_config.get_text_config(), model_dir)
     for i, ds in enumerate(cfg.datasets):
         try:
             open_source(ds, cfg)
@@ -63,15 +63,63 @@ def preflight(cfg: Config) -> Preflight:
             raise ConfigError("lora_model_dir: continues training a saved adapter; set adapter: lora or qlora")
         if not (cfg.resolve(cfg.lora_model_dir) / "adapter_config.json").is_file():
             raise ConfigError(f"lora_model_dir: {cfg.resolve(cfg.lora_model_dir)}: no adapter_config.json")
-    check_writable(cfg.out_dir)
-    resume, note = resolve_resume(cfg)
-    notes += [note] if note else []
+    check_writable_dir(cfg.out_dir, "output_dir")
     device = pick_device()
+    if device.type == "cpu":
+        check_padded_batch_fits(cfg, model_config.get_text_config())
     note = check_optimizer(cfg.optimizer, device)
     notes += [note] if note else []
     if cfg.load_in_4bit and device.type == "cpu":
         notes.append("load_in_4bit on the CPU: bitsandbytes' CPU kernels are slow; fine for tiny models and tests")
-    return Preflight(model_dir, resume, device, notes)
+    if not main:
+        resume, note = resolve_resume(cfg, verify=False)
+        return Preflight(model_dir, resume, device, notes)
+    lock = lock_output_dir(cfg.out_dir)  # last: nothing after it can fail but the checks under it
+    try:
+        notes += claim_output_dir(cfg)
+        resume, note = resolve_resume(cfg)
+    except Exception:
+        lock.release()
+        raise
+    notes += note.splitlines() if note else []
+    return Preflight(model_dir, resume, device, notes, lock)
+
+
+def check_sequence_len(cfg: Config, text_config, model_dir: Path) -> None:
+    """sequence_len within the positions the model was built for (its config.json, read before any weight)."""
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit is not None and cfg.sequence_len > limit:
+        raise ConfigError(f"sequence_len: {cfg.sequence_len} is longer than the model's max_position_embeddings "
+                          f"{limit} ({model_dir / 'config.json'}); use at most {limit}")
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM available to a new allocation (MemAvailable of /proc/meminfo), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_padded_batch_fits(cfg: Config, text_config) -> None:
+    """On the CPU, pad_to_sequence_len makes every micro-batch sequence_len wide; the attention scores of one
+    layer (micro_batch_size × heads × sequence_len² fp32 values, which the CPU's attention materialises) must
+    fit in RAM, else the run would die in a huge allocation. The real need is higher: this is a floor."""
+    heads = getattr(text_config, "num_attention_heads", None)
+    ram = available_ram()
+    if not cfg.pad_to_sequence_len or heads is None or ram is None:
+        return
+    seq, mbs = cfg.sequence_len, cfg.micro_batch_size
+    need = mbs * heads * seq * seq * 4
+    if need > ram:
+        raise ConfigError(
+            f"sequence_len: {seq} with pad_to_sequence_len: every micro-batch is {seq} tokens wide, and one layer's "
+            f"attention scores alone take micro_batch_size {mbs} × {heads} heads × {seq}² × 4 bytes = "
+            f"{need / 1e9:.1f} GB, more than the {ram / 1e9:.1f} GB of RAM available. Lower sequence_len or "
+            "micro_batch_size, or set pad_to_sequence_len: false (batches as wide as their longest sample)")
 
 
 def seed_everything(seed: int) -> None:

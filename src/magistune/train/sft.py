@@ -15,6 +15,7 @@ wrong (nothing was trained); 130 interrupted (Ctrl-C / SIGTERM: a checkpoint of 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 
@@ -31,7 +32,9 @@ from magistune.train.loss import evaluate, forward_backward, loss_fn_for
 from magistune.train.metrics import MetricsLogger, Printer, Window, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
 from magistune.train.packing import packings_for
-from magistune.train.preflight import autocast_for, oom_advice, preflight, seed_everything, write_resolved_config
+from magistune.train.preflight import (
+    autocast_for, oom_advice, preflight, resolved_config, seed_everything, write_resolved_config,
+)
 from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, oom_summary
 
 SETUP_ERRORS = (ConfigError, ckpt.CheckpointError, OptimizerError, DataError, TokenizerError)
@@ -41,14 +44,18 @@ def train(cfg: Config) -> int:
     say = Printer()
     recipe = SFT(cfg, say)
     try:
-        recipe.setup()
-    except SETUP_ERRORS as e:
-        say(f"error: {e}")
-        return 2
-    except torch.OutOfMemoryError as e:
-        say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n{oom_advice(cfg, None)}")
-        return 1
-    return recipe.train()
+        try:
+            recipe.setup()
+        except SETUP_ERRORS as e:
+            say(f"error: {e}")
+            return 2
+        except torch.OutOfMemoryError as e:
+            say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n"
+                f"{oom_advice(cfg, None)}")
+            return 1
+        return recipe.train()
+    finally:
+        recipe.release()  # output_dir's lock
 
 
 class SFT:
@@ -56,6 +63,12 @@ class SFT:
 
     def __init__(self, cfg: Config, say: Printer):
         self.cfg, self.say = cfg, say
+        self.pre = None
+
+    def release(self) -> None:
+        """Give output_dir's lock back (the OS does it as well when the process ends)."""
+        if self.pre is not None:
+            self.pre.release()
 
     # --- setup: everything before the first step; an error here means nothing was trained ---------------------
     def setup(self) -> None:
@@ -76,6 +89,7 @@ class SFT:
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()  # "examples/../outputs/x" → "outputs/x" in messages
         write_resolved_config(cfg, self.pre.model_dir)
+        self.run_config = ckpt.run_config(resolved_config(cfg, self.pre.model_dir))  # saved in every checkpoint
         say(f"data: {len(data.train)} train + {len(data.eval)} eval samples, {sum(len(s) for s in data.train)} "
             f"train tokens ({sum(s.n_trained for s in data.train)} trained)")
         try:
@@ -131,6 +145,9 @@ class SFT:
                     f"{resume} was trained on {state.get('n_train_samples')} samples, the data now has {n_train}: "
                     "the data position cannot be restored. Start a new output_dir (lora_model_dir continues from "
                     "an adapter with fresh data)")
+            for note in ckpt.check_same_run(resume, state, self.run_config, self.total,
+                                            self.cfg.resume_ignore_config_changes):
+                self.say(f"note: {note}")
             self.say(f"resumed at step {state['step']} of {self.total}")
         self.step, self.position, self.losses = state["step"], DataPosition.from_dict(state["position"]), state["losses"]
         self.window = Window(**state["window"])
@@ -159,7 +176,7 @@ class SFT:
                     raise Interrupted
             if data.eval:
                 self.run_eval()
-        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError) as e:
+        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError, ckpt.NoSpace) as e:
             return self.stopped(e)
         finally:
             stop.restore()
@@ -218,9 +235,12 @@ class SFT:
 
     def save(self, at: int) -> None:
         cfg, tokenizer_file = self.cfg, self.data.tokenizer_file
+        warning = ckpt.space_warning(self.out)  # less free space than the last checkpoint took
+        if warning:
+            self.log.message(warning)
         trainer_state = {"step": at, "total_steps": self.total, "position": self.position.to_dict(),
                          "losses": self.losses, "window": self.window.to_dict(), "n_train_samples": len(self.data.train),
-                         "steps_per_epoch": self.spe}
+                         "steps_per_epoch": self.spe, "run_config": self.run_config}
         path = ckpt.save_checkpoint(self.out, at, lambda d: save_trained(self.model, d, cfg, tokenizer_file),
                                     self.optimizer, self.scheduler, trainer_state, self.rng, cfg.save_total_limit)
         self.log.message(f"saved {path}")
@@ -229,9 +249,16 @@ class SFT:
     def stopped(self, e: BaseException) -> int:
         """The exit code of a run that did not finish, after saying why (and saving, after a stop signal)."""
         step, last = self.step, ckpt.latest_checkpoint(self.out)
+        if isinstance(e, ckpt.NoSpace):
+            self.log.message(f"error: {e}")
+            return 1
         if isinstance(e, Interrupted):
             if step > 0 and not ckpt.is_complete(self.out / f"{ckpt.PREFIX}{step}"):
-                self.save(step)
+                try:
+                    self.save(step)
+                except ckpt.NoSpace as err:
+                    self.log.message(f"error: {err}")
+                    return 1
             self.log.message(f"interrupted after step {step}; resume with resume_from_checkpoint: auto")
             return 130
         if isinstance(e, KeyboardInterrupt):
@@ -250,7 +277,15 @@ class SFT:
 
     def finish(self) -> int:
         cfg, out = self.cfg, self.out
-        save_trained(self.model, out, cfg, self.data.tokenizer_file)
+        try:
+            save_trained(self.model, out, cfg, self.data.tokenizer_file)
+        except OSError as e:
+            if not ckpt.is_no_space(e):
+                raise
+            self.say(f"error: no space left on {out} for the final {'adapter' if cfg.adapter else 'model'} "
+                     f"({shutil.disk_usage(out).free / 1e9:.1f} GB free); the trained weights are in "
+                     f"{ckpt.latest_checkpoint(out)}")
+            return 1
         png = plot_losses(self.log.path, out / "loss.png")
         done = [loss for _, loss in self.losses if loss is not None]
         self.say(f"done: {self.step} steps, loss {done[0]:.4f} → {done[-1]:.4f}" if done else f"done: {self.step} steps")

@@ -54,8 +54,8 @@ def train(cfg: Config, env: dict, mode: str) -> int:
     except DistributedError as e:
         say(f"error: {e}")
         return 2
+    recipe = SFTDistributed(cfg, ranks, mode, say)
     try:
-        recipe = SFTDistributed(cfg, ranks, mode, say)
         try:
             recipe.setup()
         except SETUP_ERRORS as e:
@@ -67,6 +67,7 @@ def train(cfg: Config, env: dict, mode: str) -> int:
             return 1
         return recipe.train()
     finally:
+        recipe.release()
         ranks.close()
 
 
@@ -75,6 +76,12 @@ class SFTDistributed:
 
     def __init__(self, cfg: Config, ranks: Ranks, mode: str, say: Printer):
         self.cfg, self.ranks, self.mode, self.say = cfg, ranks, mode, say
+        self.pre = None
+
+    def release(self) -> None:
+        """Rank 0 gives output_dir's lock back (the OS does it as well when the process ends)."""
+        if self.pre is not None:
+            self.pre.release()
 
     # --- setup: everything before the first step; an error here means nothing was trained ---------------------
     def setup(self) -> None:
@@ -86,13 +93,22 @@ class SFTDistributed:
     def setup_data(self) -> None:
         cfg, say = self.cfg, self.say
         ranks = self.ranks
-        self.pre = preflight(cfg)
+        error = None
+        try:  # rank 0 alone locks output_dir, checks it for an earlier run and verifies the checkpoint
+            self.pre = preflight(cfg, main=ranks.is_main)
+        except SETUP_ERRORS as e:
+            error = e
+        if ranks.any(error is not None):  # every rank stops (none waits in a collective for rank 0)
+            raise error or ConfigError("stopped: rank 0 refused the run (its message says why)")
+        self.pre.resume = ranks.broadcast_object(self.pre.resume)  # rank 0's choice: it skipped damaged ones
         for note in mode_notes(cfg, self.mode, ranks.world) + self.pre.notes:
             say(f"note: {note}")
         seed_everything(cfg.seed)
         self.data = data = run_main_first(ranks, lambda: prepare_data(cfg, progress=sys.stderr.isatty() and ranks.is_main))
         self.tokenizer = load_tokenizer(data.tokenizer_file)
-        agree(ranks, resolved_config(cfg, self.pre.model_dir), data)  # every rank has the same config and samples
+        resolved = resolved_config(cfg, self.pre.model_dir)
+        agree(ranks, resolved, data)  # every rank has the same config and samples
+        self.run_config = ckpt.run_config(resolved)  # saved in every checkpoint
         self.pad_id = SpecialIds.of(self.tokenizer).pad
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()  # "examples/../outputs/x" → "outputs/x" in messages
@@ -157,6 +173,9 @@ class SFTDistributed:
                     f"{resume} was trained on {state.get('n_train_samples')} samples, the data now has {n_train}: "
                     "the data position cannot be restored. Start a new output_dir (lora_model_dir continues from "
                     "an adapter with fresh data)")
+            for note in ckpt.check_same_run(resume, state, self.run_config, self.total,
+                                            self.cfg.resume_ignore_config_changes):
+                self.say(f"note: {note}")
             self.say(f"resumed at step {state['step']} of {self.total}")
         self.step, self.position, self.losses = state["step"], DataPosition.from_dict(state["position"]), state["losses"]
         self.window = Window(**state["window"])
@@ -189,7 +208,7 @@ class SFTDistributed:
                     raise Interrupted
             if data.eval:
                 self.run_eval()
-        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError) as e:
+        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError, ckpt.NoSpace) as e:
             return self.stopped(e)
         finally:
             stop.restore()
@@ -250,9 +269,12 @@ class SFTDistributed:
 
     def save(self, at: int) -> None:
         cfg, tokenizer_file = self.cfg, self.data.tokenizer_file
+        warning = ckpt.space_warning(self.out)  # less free space than the last checkpoint took
+        if warning:
+            self.log.message(warning)
         trainer_state = {"step": at, "total_steps": self.total, "position": self.position.to_dict(),
                          "losses": self.losses, "window": self.window.to_dict(), "n_train_samples": len(self.data.train),
-                         "steps_per_epoch": self.spe}
+                         "steps_per_epoch": self.spe, "run_config": self.run_config}
         path = save_sharded(self.ranks, self.mode, self.dtype, self.out, at, self.model, self.optimizer,
                             self.scheduler, trainer_state, self.rng, cfg, tokenizer_file)
         self.log.message(f"saved {path}")
@@ -261,9 +283,16 @@ class SFTDistributed:
     def stopped(self, e: BaseException) -> int:
         """The exit code of a run that did not finish, after saying why (and saving, after a stop signal)."""
         step, last = self.step, ckpt.latest_checkpoint(self.out)
+        if isinstance(e, ckpt.NoSpace):
+            self.log.message(f"error: {e}")
+            return 1
         if isinstance(e, Interrupted):
             if step > 0 and not ckpt.is_complete(self.out / f"{ckpt.PREFIX}{step}"):
-                self.save(step)
+                try:
+                    self.save(step)
+                except ckpt.NoSpace as err:
+                    self.log.message(f"error: {err}")
+                    return 1
             self.log.message(f"interrupted after step {step}; resume with resume_from_checkpoint: auto")
             return 130
         if isinstance(e, KeyboardInterrupt):
