@@ -39,7 +39,9 @@ from magistune.train.preference_ref import model_key, reference_table, table_pat
 from magistune.train.preference_step import (PairLogps, PreferenceTotals, collate_kto, collate_pairs, disabled_adapters,
                                              example_loss, kto_kl_rows, kto_rows_kl, pair_logps, pair_loss,
                                              reference_pair_logps, sample_logps, shared_row_unsupported)
-from magistune.train.preflight import autocast_for, oom_advice, preflight, seed_everything, write_resolved_config
+from magistune.train.preflight import (
+    autocast_for, oom_advice, preflight, resolved_config, seed_everything, write_resolved_config,
+)
 from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, oom_summary
 
 SETUP_ERRORS = (ConfigError, ckpt.CheckpointError, OptimizerError, DataError, TokenizerError)
@@ -100,6 +102,7 @@ class DPO:
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()
         write_resolved_config(cfg, self.pre.model_dir)
+        self.run_config = ckpt.run_config(resolved_config(cfg, self.pre.model_dir))  # saved in every checkpoint
         say(f"data: {len(data.train)} train + {len(data.eval)} eval {self.unit} (rl: {cfg.rl}), "
             f"{sum(len(s) for s in data.train)} tokens ({sum(s.n_trained for s in data.train)} trained)")
         if self.kto:
@@ -152,6 +155,9 @@ class DPO:
                     f"{resume} was trained with rl: {state.get('rl')} on {state.get('n_train_samples')} {self.unit}, "
                     f"the run now has rl: {self.cfg.rl} and {n_train}: the data position cannot be restored. Start a "
                     "new output_dir")
+            for note in ckpt.check_same_run(resume, state, self.run_config, self.total,
+                                            self.cfg.resume_ignore_config_changes):
+                self.say(f"note: {note}")
             self.say(f"resumed at step {state['step']} of {self.total}")
         self.step, self.position, self.losses = state["step"], DataPosition.from_dict(state["position"]), state["losses"]
         self.window = PreferenceTotals(**state["window"])
@@ -312,7 +318,8 @@ class DPO:
         cfg, tokenizer_file = self.cfg, self.data.tokenizer_file
         trainer_state = {"step": at, "total_steps": self.total, "position": self.position.to_dict(),
                          "losses": self.losses, "window": self.window.to_dict(), "n_train_samples": len(self.data.train),
-                         "steps_per_epoch": self.spe, "rl": cfg.rl}
+                         "steps_per_epoch": self.spe, "rl": cfg.rl,
+                 "run_config": self.run_config}
         path = ckpt.save_checkpoint(self.out, at, lambda d: save_trained(self.model, d, cfg, tokenizer_file),
                                     self.optimizer, self.scheduler, trainer_state, self.rng, cfg.save_total_limit)
         self.log.message(f"saved {path}")

@@ -38,7 +38,9 @@ from magistune.train.grpo_loss import advantages, clipped_token_loss, kl_penalty
 from magistune.train.launch import single_process_notes
 from magistune.train.metrics import MetricsLogger, Printer, read_metrics
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
-from magistune.train.preflight import autocast_for, oom_advice, preflight, seed_everything, write_resolved_config
+from magistune.train.preflight import (
+    autocast_for, oom_advice, preflight, resolved_config, seed_everything, write_resolved_config,
+)
 from magistune.train.rewards import RewardError, load_reward_funcs, score
 from magistune.train.rollout import (
     RolloutBatch, Rollouts, completion_logps, completion_message, generate_rollouts, rollout_logps,
@@ -109,6 +111,7 @@ class GRPO:
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()
         write_resolved_config(cfg, self.pre.model_dir)
+        self.run_config = ckpt.run_config(resolved_config(cfg, self.pre.model_dir))  # saved in every checkpoint
         n = len(self.data.prompts)
         say(f"data: {n} prompts ({self.data.records} records), rewards: {', '.join(n for n, _ in self.reward_funcs)}")
 
@@ -148,6 +151,9 @@ class GRPO:
             if state.get("n_prompts") != n:
                 raise ckpt.CheckpointError(f"{resume} was trained on {state.get('n_prompts')} prompts, the data now "
                                            f"has {n}: the data position cannot be restored. Start a new output_dir")
+            for note in ckpt.check_same_run(resume, state, self.run_config, self.total,
+                                            self.cfg.resume_ignore_config_changes):
+                self.say(f"note: {note}")
             self.say(f"resumed at step {state['step']} of {self.total}")
         self.step, self.window = state["step"], state["window"]
         self.rollouts = Rollouts.from_dict(state["rollouts"]) if state.get("rollouts") else None
@@ -298,7 +304,8 @@ class GRPO:
     def save(self, at: int) -> None:
         cfg = self.cfg
         state = {"step": at, "total_steps": self.total, "window": self.window, "n_prompts": len(self.data.prompts),
-                 "steps_per_epoch": self.spe, "rollouts": self.rollouts.to_dict() if self.rollouts else None}
+                 "steps_per_epoch": self.spe, "rollouts": self.rollouts.to_dict() if self.rollouts else None,
+                 "run_config": self.run_config}
         path = ckpt.save_checkpoint(self.out, at, lambda d: save_trained(self.model, d, cfg, self.tokenizer_file),
                                     self.optimizer, self.scheduler, state, self.rng, cfg.save_total_limit)
         self.log.message(f"saved {path}")
