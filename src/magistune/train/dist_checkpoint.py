@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from magistune.model.adapt import keep_declared_dtype
+from magistune.model_files.system_prompt import resolve_system_prompt, write_prompt_file
 from magistune.train import checkpoint as ckpt
 from magistune.train.checkpoint import DCP_DIR, MARKER, PREFIX, CheckpointError, is_sharded, parallel_info
 from magistune.train.distributed import Ranks
@@ -159,7 +161,9 @@ def save_consolidated(ranks: Ranks, model, out: Path, cfg, tokenizer_file: Path)
             model.save_pretrained(out, state_dict=full)
         else:
             model.save_pretrained(out, state_dict=full, safe_serialization=True)
+            keep_declared_dtype(out, cfg)  # as model.save_trained does for one process
         shutil.copyfile(tokenizer_file, out / Path(tokenizer_file).name)
+        write_prompt_file(out, resolve_system_prompt(cfg))  # the system prompt the data was encoded with
     del full
     ranks.barrier()
 
