@@ -8,7 +8,8 @@
 
 Hooks for tests and scripts: each sample is `div.sample[data-index][data-source]`, each token a span whose class
 starts with `t` (trained) or `p` (not trained) and whose data-id holds its id(s); rejected records are
-`tr.rejected[data-source]`; the body's data-samples counts the samples in the page.
+`tr.rejected[data-source]`; the body's data-samples counts the samples in the page. A link can open it filtered:
+report.html#q=paris&source=demo.jsonl:3 fills in the two search boxes.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ q.addEventListener('input',apply);src.addEventListener('input',apply);
 document.addEventListener('mouseover',e=>{const el=e.target;if(!el.dataset||!el.dataset.id||el.title)return;
  const trained=el.classList.contains('t');el.title='id '+el.dataset.id+' \\u00b7 label '+
  (trained?el.dataset.id:'-100 (not trained)')+' \\u00b7 '+el.classList[1];});
+const h=new URLSearchParams(location.hash.slice(1));q.value=h.get('q')||'';src.value=h.get('source')||'';
 apply();document.body.dataset.ready='1';
 """
 

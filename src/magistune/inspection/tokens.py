@@ -14,6 +14,7 @@ Text: Tekken tokens are bytes; a character split over several tokens is shown on
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
@@ -69,7 +70,7 @@ def display_tokens(ids: list[int], labels: list[int] | None, namer: TokenNamer) 
     labels = labels if labels is not None else [IGNORE_INDEX] * len(ids)
     sp = namer.special
     out: list[Token] = []
-    pending = b""  # bytes of a character not complete yet
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds a character's bytes until it is complete
     state = "text"  # think / tool while inside those spans
     i = 0
     while i < len(ids):
@@ -93,15 +94,12 @@ def display_tokens(ids: list[int], labels: list[int] | None, namer: TokenNamer) 
                 state = "text"
             out.append(Token(name, [tid], [labels[i]], kind, control=True))
         else:
-            pending += namer.piece(tid)
-            try:
-                text, pending = pending.decode("utf-8"), b""
-            except UnicodeDecodeError:
-                text = ""
-                if len(pending) >= 4:  # not a character in the making: show the bytes as they are
-                    text, pending = pending.decode("utf-8", "replace"), b""
-            out.append(Token(text, [tid], [labels[i]], state))
+            out.append(Token(utf8.decode(namer.piece(tid)), [tid], [labels[i]], state))
         i += 1
+    rest = utf8.decode(b"", final=True)  # bytes that never completed a character: shown as �
+    if rest:
+        last = next(t for t in reversed(out) if not t.control)
+        last.text += rest
     return out
 
 
