@@ -54,8 +54,9 @@ padding:3px 8px;text-align:left;vertical-align:top}
 SCRIPT = """
 const q=document.getElementById('q'),src=document.getElementById('src'),shown=document.getElementById('shown');
 const items=[...document.querySelectorAll('.sample')].map(el=>[el,el.textContent.toLowerCase()]);
+const at=(s,w)=>s===w||s.endsWith('/'+w)||(!/:\\d+$/.test(w)&&s.includes(w));  // file:line exactly, a file in part
 function apply(){const t=q.value.toLowerCase(),w=src.value.trim();let n=0;
- for(const [el,text] of items){const ok=(!t||text.includes(t))&&(!w||el.dataset.source.includes(w));
+ for(const [el,text] of items){const ok=(!t||text.includes(t))&&(!w||at(el.dataset.source,w));
   el.hidden=!ok;n+=ok;}shown.textContent=n;}
 q.addEventListener('input',apply);src.addEventListener('input',apply);
 document.addEventListener('mouseover',e=>{const el=e.target;if(!el.dataset||!el.dataset.id||el.title)return;
