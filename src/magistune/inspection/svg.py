@@ -16,9 +16,8 @@ def length_buckets(lengths: list[int], sequence_len: int) -> list[tuple[str, int
         counts[next((k for k, e in enumerate(edges) if n <= e), len(edges))] += 1
     labels = [f"≤{e}" for e in edges] + [f">{sequence_len}"]
     pairs = list(zip(labels, counts))
-    while pairs and pairs[-1][1] == 0:  # no empty tail (the > sequence_len bucket shows only when used)
-        pairs.pop()
-    return pairs
+    used = [k for k, (_, c) in enumerate(pairs) if c]
+    return pairs[used[0]:used[-1] + 1] if used else []  # from the first bucket used to the last
 
 
 def bar_chart(pairs: list[tuple[str, int]], title: str, width: int = 360, height: int = 140) -> str:
