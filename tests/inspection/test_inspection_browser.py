@@ -30,9 +30,9 @@ def chromium():
     if path is None and shutil.which("apt-get") and os.geteuid() == 0:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-            subprocess.run(install, env=env, capture_output=True)
+        if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+            subprocess.run(install, env=env, capture_output=True, check=False)
         path = _find_chromium()
     if path is None:
         pytest.skip("chromium is not installed and could not be installed (needs Debian's apt-get as root)")
@@ -41,7 +41,7 @@ def chromium():
 
 def run_chromium(chromium, tmp_path, *args) -> str:
     out = subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 

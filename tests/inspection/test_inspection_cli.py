@@ -4,13 +4,12 @@ import re
 
 import pytest
 import yaml
+from inspect_helpers import assistant_text, first_record
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from magistune.cli import main
 from magistune.data.encode import ConversationEncoder
 from magistune.inspection.terminal import CLOSE, OPEN
-
-from inspect_helpers import assistant_text, first_record
 
 pytestmark = pytest.mark.usefixtures("fast_tokenizers")
 

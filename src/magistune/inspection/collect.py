@@ -142,12 +142,12 @@ def collect(cfg: Config) -> Inspection:
     rep = data.report
     items = _order(_items_of(data.train, "train") + _items_of(data.eval, "eval"), cfg)
     kind = "sft" if cfg.rl is None else ("kto" if cfg.rl == "kto" else "preference")
-    figures = _figures(cfg, items, rep.rejected, rep.dropped, packable=kind in ("sft", "kto"))
+    figures = _figures(cfg, items, rep.rejected, rep.dropped, packable=kind == "sft")  # rl: rows are never packed
     share = rep.tokens_trained / rep.tokens_total if rep.tokens_total else 0.0
-    summary = [f"records: {rep.records}, valid {rep.valid}, rejected {len(rep.rejected)}, dropped for length "
-               f"{len(rep.dropped)}, truncated {rep.truncated}",
-               f"kept: {rep.kept} (train {rep.train_samples}, eval {rep.eval_samples}); tokens {rep.tokens_total:,}, "
-               f"trained {rep.tokens_trained:,} ({share:.1%})"]
+    summary = [(f"records: {rep.records}, valid {rep.valid}, rejected {len(rep.rejected)}, dropped for length "
+                f"{len(rep.dropped)}, truncated {rep.truncated}"),
+               (f"kept: {rep.kept} (train {rep.train_samples}, eval {rep.eval_samples}); tokens {rep.tokens_total:,}, "
+                f"trained {rep.tokens_trained:,} ({share:.1%})")]
     if kind == "sft":
         packed = pack_samples(data.train, cfg.sequence_len, cfg.seed)
         summary.append(("sample_packing: " if cfg.sample_packing else "if packed (sample_packing is off): ")
@@ -166,8 +166,8 @@ def _collect_prompts(cfg: Config) -> Inspection:
     items = _order([Item(p.source, "prompt", [Sequence("prompt", p.ids, [IGNORE_INDEX] * len(p.ids))],
                          note=json.dumps(p.columns, ensure_ascii=False)) for p in data.prompts], cfg)
     figures = _figures(cfg, items, data.rejected, data.dropped, packable=False)
-    summary = [f"prompt records: {data.records}, kept {len(data.prompts)}, rejected {len(data.rejected)}, too long "
-               f"{len(data.dropped)} (rl: grpo: prompts only; the model writes the trained completions)",
+    summary = [(f"prompt records: {data.records}, kept {len(data.prompts)}, rejected {len(data.rejected)}, too long "
+                f"{len(data.dropped)} (rl: grpo: prompts only; the model writes the trained completions)"),
                "cache: none (GRPO prompts are encoded when training starts)"]
     return Inspection("grpo", items, figures, data.rejected, data.dropped, TokenNamer(tokenizer), cfg.sequence_len,
                       summary)
