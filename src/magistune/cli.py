@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", action="append", metavar="FILE:LINE", help="print the sample of this record (repeatable)")
     s.add_argument("--ids", action="store_true", help="print each token's id after it, as ⟨id⟩")
     s.add_argument("--html", metavar="REPORT.html", help="also write the HTML data report (one self-contained file)")
-    s.add_argument("--html-samples", type=int, default=1000, metavar="N", help="samples in the report (default 1000)")
+    s.add_argument("--html-samples", type=int, default=200, metavar="N", help="samples in the report (default 200)")
     s.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour the trained tokens (auto: on a terminal with NO_COLOR unset; else ⟦ ⟧ mark them)")
     s.set_defaults(func=cmd_inspect)

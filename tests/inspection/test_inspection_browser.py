@@ -4,10 +4,9 @@ DOM (after the page's script ran) checked: the samples, sample 1's trained spans
 import os
 import shutil
 import subprocess
-from html.parser import HTMLParser
 
 import pytest
-from inspect_helpers import assistant_text, first_record
+from inspect_helpers import Dom, assistant_text, first_record
 
 from magistune.cli import main
 
@@ -44,43 +43,6 @@ def run_chromium(chromium, tmp_path, *args) -> str:
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
-
-
-class Dom(HTMLParser):
-    """What the test reads: the body's attributes, the samples with their tokens, the rejected rows, #shown."""
-
-    def __init__(self, html: str):
-        super().__init__()
-        self.body, self.samples, self.rejected, self.shown = {}, [], [], ""
-        self._stack: list[tuple[str, dict]] = []
-        self.feed(html)
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        classes = (a.get("class") or "").split()
-        if tag == "body":
-            self.body = a
-        elif tag == "div" and "sample" in classes:
-            self.samples.append({"source": a["data-source"], "hidden": "hidden" in a, "tokens": []})
-        elif tag == "tr" and "rejected" in classes:
-            self.rejected.append(a["data-source"])
-        elif tag == "span" and "data-id" in a and self.samples:
-            self.samples[-1]["tokens"].append([classes, ""])
-        if tag not in ("br", "img", "input", "meta", "rect", "path"):
-            self._stack.append((tag, a))
-
-    def handle_endtag(self, tag):
-        if self._stack:
-            self._stack.pop()
-
-    def handle_data(self, data):
-        if not self._stack:
-            return
-        tag, a = self._stack[-1]
-        if tag == "span" and "data-id" in a:
-            self.samples[-1]["tokens"][-1][1] += data
-        elif a.get("id") == "shown":
-            self.shown += data
 
 
 def trained_spans(sample) -> list[str]:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import yaml
-from inspect_helpers import assistant_text, first_record
+from inspect_helpers import Dom, assistant_text, first_record
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from magistune.cli import main
@@ -127,3 +127,35 @@ def test_a_stale_cache_is_rebuilt_even_when_bad_records_would_stop_training(demo
     assert "rejected 1" in capsys.readouterr().out
     assert main(["train", str(config)]) == 2  # training still applies on_bad_record: error
     assert "1 bad record(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, kept, seqs", [("demo-tiny-vision.yaml", 18, ["sample"]),
+                                              ("demo-tiny-dpo.yaml", 64, ["chosen", "rejected"]),
+                                              ("demo-tiny-grpo.yaml", 32, ["prompt"])])
+def test_the_html_report_of_every_data_kind(demo, capsys, name, kept, seqs):
+    config = demo(name)
+    report = config.parent / "report.html"
+    assert main(["inspect", str(config), "--html", str(report)]) == 0
+    assert capsys.readouterr().out.endswith(f"wrote {report}: {kept} of {kept} samples, 0 rejected record(s)\n")
+    dom = Dom(report.read_text(encoding="utf-8"))
+    assert len(dom.samples) == kept == int(dom.body["data-samples"])
+    assert all(s["seqs"] == seqs for s in dom.samples)
+    kinds = {c[1] for s in dom.samples for c, _ in s["tokens"]}
+    trained = [c for s in dom.samples for c, _ in s["tokens"] if c[0] == "t"]
+    if name == "demo-tiny-vision.yaml":  # the images as thumbnails and as [IMG]×N tokens
+        assert "img" in kinds and dom.samples[1]["images"] == 3
+    if name == "demo-tiny-grpo.yaml":
+        assert not trained
+    else:
+        assert trained
+    assert "http://" not in report.read_text() and "https://" not in report.read_text()  # nothing fetched
+
+
+def test_html_samples_limits_the_report(demo, capsys):
+    config = demo("demo-tiny.yaml")
+    report = config.parent / "report.html"
+    assert main(["inspect", str(config), "--html", str(report), "--html-samples", "5"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    dom = Dom(report.read_text(encoding="utf-8"))
+    assert [s["source"] for s in dom.samples] == [f"data/demo.jsonl:{n}" for n in range(1, 6)]
+    assert "the first 5 of 40 samples" in report.read_text(encoding="utf-8")
