@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 from inspect_helpers import Dom, assistant_text, first_record
+from PIL import Image
 
 from magistune.cli import main
 
@@ -60,7 +61,9 @@ def test_the_report_in_chromium(demo, chromium, tmp_path, capsys):
     report = tmp_path / "report.html"
     assert main(["inspect", str(config), "--html", str(report)]) == 0
     assert "wrote " in capsys.readouterr().out
-    dom = Dom(run_chromium(chromium, tmp_path, "--virtual-time-budget=2000", "--dump-dom", report.as_uri()))
+    shot = tmp_path / "report.png"  # one run: the screenshot, and the DOM after the page's script ran
+    dom = Dom(run_chromium(chromium, tmp_path, "--virtual-time-budget=2000", f"--screenshot={shot}",
+                           "--window-size=1280,2000", "--dump-dom", report.as_uri()))
 
     assert dom.body.get("data-ready") == "1"  # the page's script ran
     assert len(dom.samples) == int(dom.body["data-samples"]) == 40 == int(dom.shown)
@@ -78,10 +81,6 @@ def test_the_report_in_chromium(demo, chromium, tmp_path, capsys):
                                report.as_uri() + "#q=tokyo"))
     assert [s["source"] for s in by_text.samples if not s["hidden"]] == [f"data/demo.jsonl:{n}" for n in tokyo]
     assert int(by_text.shown) == len(tokyo) > 0
-
-    shot = tmp_path / "report.png"
-    run_chromium(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri())
-    from PIL import Image
 
     with Image.open(shot) as img:
         assert img.size == (1280, 2000)
