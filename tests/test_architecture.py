@@ -6,6 +6,7 @@
     rank 3  data, model
     rank 4  export, train
     rank 5  infer             (may use train's loss and batches)
+            inspection        (`magistune inspect`: data, tokenizer, train's packing)
     rank 6  cli
     rank 7  __main__
 
@@ -27,7 +28,7 @@ LAYERS = {
     "model_files": 2,
     "data": 3, "model": 3,
     "export": 4, "train": 4,
-    "infer": 5,
+    "infer": 5, "inspection": 5,
     "cli": 6,
     "__main__": 7,
 }

@@ -1,4 +1,4 @@
-"""`magistune` command line: validate-data, preprocess, train, consolidate, chat, generate, evaluate, merge, export,
+"""`magistune` command line: validate-data, preprocess, inspect, train, consolidate, chat, generate, evaluate, merge, export,
 config-schema."""
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         why = "is a folder" if Path(args.dump).is_dir() else "its folder does not exist"
         raise ConfigError(f"--dump: {args.dump}: {why}")
     return preprocess(cfg, dump=args.dump)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from magistune.inspection.command import run_inspect
+
+    return run_inspect(_load(args.config), args.config, args.samples, args.source, args.ids, args.html,
+                       args.html_samples, args.color)
 
 
 def multi_gpu_rl(rl: str) -> str:
@@ -359,6 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--dump", metavar="FILE.jsonl", help="also write every kept sample as JSON lines")
     s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("inspect", help="see what is trained: tokens with their masks, and an HTML data report")
+    s.add_argument("config")
+    s.add_argument("--samples", type=int, metavar="N", help="print the first N samples (default 3; 0 with --html)")
+    s.add_argument("--source", action="append", metavar="FILE:LINE", help="print the sample of this record (repeatable)")
+    s.add_argument("--ids", action="store_true", help="print each token's id after it, as ⟨id⟩")
+    s.add_argument("--html", metavar="REPORT.html", help="also write the HTML data report (one self-contained file)")
+    s.add_argument("--html-samples", type=int, default=200, metavar="N", help="samples in the report (default 200)")
+    s.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour the trained tokens (auto: on a terminal with NO_COLOR unset; else ⟦ ⟧ mark them)")
+    s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("train", help="fine-tune as the config says")
     s.add_argument("config")
