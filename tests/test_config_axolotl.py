@@ -36,10 +36,15 @@ def test_axolotl_dataset_defaults_are_accepted():
 
 
 def test_eot_tokens_and_chat_template_kwargs():
-    _, notes = parse(eot_tokens=[], chat_template_kwargs={})
-    assert any(n.startswith("eot_tokens:") for n in notes) and any(n.startswith("chat_template_kwargs:") for n in notes)
+    _, notes = parse(eot_tokens=[])
+    assert any(n.startswith("eot_tokens:") for n in notes)
     assert "eot_tokens: mistral-common's end-of-turn tokens are fixed" in error(eot_tokens=["[/INST]"])
-    assert "chat_template_kwargs: mistral-common has no chat template" in error(chat_template_kwargs={"x": 1})
+    for keys in ({"chat_template_kwargs": {"enable_thinking": True}},
+                 {"datasets": [{"path": "d.jsonl", "chat_template_kwargs": {"enable_thinking": True}}]}):
+        assert "chat_template_kwargs: 'enable_thinking' cannot apply: mistral-common has no chat template" in error(**keys)
+    cfg, _ = parse(chat_template_kwargs={"reasoning_effort": "high"},
+                   datasets=[{"path": "d.jsonl"}, {"path": "d.jsonl", "chat_template_kwargs": {}}])
+    assert [d.chat_template_kwargs for d in cfg.datasets] == [{"reasoning_effort": "high"}, {}]
 
 
 def test_tokenizer_use_mistral_common_false_is_an_error():

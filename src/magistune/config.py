@@ -59,6 +59,7 @@ class DatasetConfig(_Strict):
     ds_type: Literal["json", "jsonl", "parquet"] | None = None  # the file's format when its suffix does not say
     shards: int | None = Field(default=None, ge=1)  # keep one of `shards` contiguous pieces of the records …
     shards_idx: int = Field(default=0, ge=0)  # … this one (datasets.Dataset.shard's meaning)
+    chat_template_kwargs: dict[str, Any] | None = None  # {reasoning_effort: …}: mistral-common's model setting (v15)
 
     @model_validator(mode="before")
     @classmethod
@@ -75,6 +76,10 @@ class DatasetConfig(_Strict):
             raise ValueError(f"roles_to_train: {wrong[0]!r} cannot be trained: mistral-common's fine-tuning format "
                              "trains assistant messages only (FinetuningAssistantMessage carries the weight; "
                              f"{wrong[0]} messages are the prompt); use [assistant] or []")
+        unknown = sorted(set(self.chat_template_kwargs or {}) - {"reasoning_effort"})
+        if unknown:
+            raise ValueError(f"chat_template_kwargs: {unknown[0]!r} cannot apply: mistral-common has no chat template; "
+                             "its only request setting is reasoning_effort (tokenizers v15 on)")
         if self.shards is not None and self.shards_idx >= self.shards:
             raise ValueError(f"shards_idx: {self.shards_idx} must be below shards ({self.shards})")
         if self.train_on_inputs and self.train_on_eos != "turn":
@@ -111,6 +116,7 @@ class Config(_Strict):
     # --- Axolotl's data keys (issue 19; docs/from-axolotl.md) ---
     shuffle_merged_datasets: bool = True  # False: the merged datasets keep their order; eval is the last samples
     train_on_inputs: bool | None = None  # Axolotl's top-level default for every dataset that does not set it
+    chat_template_kwargs: dict[str, Any] | None = None  # the same, for every dataset that does not set its own
     pad_to_sequence_len: bool = False
 
     # --- adapters and precision ----------------------------------------------------------------
@@ -234,10 +240,11 @@ class Config(_Strict):
         if not self.tokenizer_use_mistral_common:
             raise ValueError("tokenizer_use_mistral_common: false is not supported: magistune tokenises with mistral-common only (ids equal to "
                              "encode_chat_completion); remove the key or set it to true")
-        if self.train_on_inputs is not None:
-            for ds in self.datasets:
-                if "train_on_inputs" not in ds.model_fields_set:
-                    ds.train_on_inputs = self.train_on_inputs
+        for key in ("train_on_inputs", "chat_template_kwargs"):  # Axolotl's top-level defaults for the datasets
+            if getattr(self, key) is not None:
+                for ds in self.datasets:
+                    if key not in ds.model_fields_set:
+                        setattr(ds, key, getattr(self, key))
         if self.fp16:
             raise ValueError("fp16 is not implemented in magistune: use bf16 (every GPU that runs Magistral has it)")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
@@ -279,7 +286,9 @@ class Config(_Strict):
             if ds.type != "chat_template":
                 raise ValueError(f"datasets[{i}].type: {ds.type} is the SFT messages format; with rl: {self.rl} use "
                                  "type: chat_template (TRL's conversational preference records)")
-            for key, default in (("train_on", "all_assistant"), ("train_thinking", True), ("train_on_inputs", False)):
+            for key, default in (("train_on", "all_assistant"), ("train_thinking", True), ("train_on_inputs", False),
+                                 ("roles_to_train", ["assistant"]), ("train_on_eos", "turn"),
+                                 ("message_field_training", None)):
                 if getattr(ds, key) != default:
                     raise ValueError(f"datasets[{i}].{key}: not used with rl: {self.rl} (the labels cover the final "
                                      "answer whole: its thinking, text, tool calls and </s>)")

@@ -30,7 +30,6 @@ ACCEPTED_NOOP_KEYS: dict[str, str] = {
 AXOLOTL_DEFAULT_VALUES: dict[str, str] = {
     "chat_template": "mistral-common encodes the conversations: the tokenizer's own format, as tokenizer_default means",
     "eot_tokens": "empty: mistral-common ends each assistant turn with </s>, trained per train_on_eos",
-    "chat_template_kwargs": "empty: mistral-common has no template variables",
 }
 
 
@@ -45,10 +44,6 @@ def axolotl_default_value(key: str, value) -> str | None:
         return None if not value else (
             "mistral-common's end-of-turn tokens are fixed by the tokenizer version ([/INST] closes the user turn, "
             "</s> the assistant's); they cannot be changed; remove the key (train_on_eos picks which </s> train)")
-    if key == "chat_template_kwargs":
-        return None if not value else (
-            "mistral-common has no chat template, so there are no template variables to set; a system prompt goes in "
-            "system_prompt, thinking in the records (reasoning_content or type: thinking parts)")
     raise KeyError(key)
 
 # Axolotl keys that magistune does not implement (an error unless the value is empty).
@@ -91,6 +86,15 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "liger_rope": "not implemented (RoPE is applied inside transformers' attention function; magistune does not patch it)",
     "liger_fused_linear_cross_entropy": "not implemented; use cut_cross_entropy: true (the same job, Apple's kernels)",
     "unsloth_lora_mlp": "Unsloth kernels are not supported",
+    # from Axolotl's other Mistral examples (Mixtral, Mistral 4, DPO/ORPO; docs/from-axolotl.md)
+    "quantize_moe_experts": "mixture-of-experts models (Mixtral, Mistral 4) are not supported; Magistral is dense",
+    "use_sonicmoe": "mixture-of-experts models (Mixtral, Mistral 4) are not supported; Magistral is dense",
+    "use_kernels": "kernels from the Hugging Face kernel hub are not used (no hub access); see liger_glu_activation, "
+                   "liger_rms_norm and cut_cross_entropy",
+    "model_config": "overriding the model's config.json is not supported",
+    "orpo_alpha": "ORPO's λ is rl_beta here (TRL's name `beta`): use rl: orpo with rl_beta",
+    "field_chosen": "preference records use TRL's fields: prompt / chosen / rejected (docs/config.md, Preference tuning)",
+    "field_rejected": "preference records use TRL's fields: prompt / chosen / rejected (docs/config.md, Preference tuning)",
 }
 
 # Axolotl's FSDP settings → magistune's keys (docs/multi-gpu.md). Axolotl spells them as `fsdp: [full_shard,

@@ -7,6 +7,7 @@ import random
 
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
 from magistune.config import ConfigError, load_config
 from magistune.data.build import DataError, build_data
@@ -206,3 +207,43 @@ def test_top_level_train_on_inputs(tmp_path, write_jsonl, write_config):
 def test_roles_to_train_user_is_an_error(write_config):
     with pytest.raises(ConfigError, match="roles_to_train: 'user' cannot be trained: mistral-common's fine-tuning"):
         load_config(write_config(datasets=[{"path": "data.jsonl", "roles_to_train": ["assistant", "user"]}]))
+
+
+@pytest.fixture
+def v15_tokenizer(tmp_path):
+    """The tiny tokenizer as version 15, whose requests carry mistral-common's model settings (reasoning_effort)."""
+    from magistune.tokenizer import TINY_SPECIAL_TOKENS, tiny_tekken_json
+
+    data = tiny_tekken_json()
+    data["config"]["version"] = "v15"
+    specials = [{"<SPECIAL_20>": "[MODEL_SETTINGS]", "<SPECIAL_21>": "[/MODEL_SETTINGS]"}.get(s, s)
+                for s in TINY_SPECIAL_TOKENS]
+    data["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(specials)]
+    data["model_settings_builder"] = {"reasoning_effort": {"type": "enum", "accepts_none": True, "default": "none",
+                                                           "values": ["none", "high"]}}
+    path = tmp_path / "v15" / "tekken.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("effort", ["high", "none"])
+def test_chat_template_kwargs_reasoning_effort_equals_mistral_common(tmp_path, write_jsonl, write_config,
+                                                                     v15_tokenizer, effort):
+    from magistune.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(v15_tokenizer)
+    write_jsonl(tmp_path / "data.jsonl", [{"messages": OPENAI}])
+    s = build(write_config, [{"path": "data.jsonl", "chat_template_kwargs": {"reasoning_effort": effort}}],
+              tokenizer_path=str(v15_tokenizer)).train[0]
+    request = ChatCompletionRequest.from_openai(OPENAI, reasoning_effort=effort)
+    assert s.input_ids == tok.encode_chat_completion(request).tokens
+    assert f'"reasoning_effort": "{effort}"' in tok.decode(s.input_ids, special_token_policy=SpecialTokenPolicy.KEEP)
+    assert trained(s) == text_ids(tok, "Four.") + [tok.instruct_tokenizer.tokenizer.eos_id] + \
+        text_ids(tok, "Six.") + [tok.instruct_tokenizer.tokenizer.eos_id]
+
+
+def test_reasoning_effort_on_a_tokenizer_before_v15_is_mistral_commons_error(tmp_path, write_jsonl, write_config):
+    write_jsonl(tmp_path / "data.jsonl", [{"messages": OPENAI}])
+    with pytest.raises(DataError, match="reasoning_effort.* is not supported for this model"):
+        build(write_config, [{"path": "data.jsonl", "chat_template_kwargs": {"reasoning_effort": "high"}}])

@@ -117,6 +117,7 @@ def _record_options(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
         roles=AXOLOTL_DEFAULT_ROLES if ds.roles is None else tuple((n, r) for r, names in ds.roles.items() for n in names),
         field_training=ds.message_field_training, field_thinking=ds.field_thinking,
         default_weight=int("assistant" in ds.roles_to_train), drop_system_message=ds.drop_system_message,
+        reasoning_effort=(ds.chat_template_kwargs or {}).get("reasoning_effort"),
     )
 
 

@@ -73,6 +73,7 @@ class RecordOptions:
     field_thinking: str = "reasoning_content"
     default_weight: int = 1  # an assistant message without weight/train: 1 with roles_to_train [assistant], else 0
     drop_system_message: bool = False
+    reasoning_effort: str | None = None  # chat_template_kwargs' reasoning_effort: mistral-common's setting (v15)
 
 
 def _drop_nones(d: dict) -> dict:
@@ -237,7 +238,8 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
         weights = [0] * (len(weights) - 1) + [weights[-1]]
 
     try:
-        request = ChatCompletionRequest.from_openai(clean, tools=tools)
+        effort = {} if opts.reasoning_effort is None else {"reasoning_effort": opts.reasoning_effort}
+        request = ChatCompletionRequest.from_openai(clean, tools=tools, **effort)
     except Exception as e:  # pydantic ValidationError, ValueError, … from mistral-common
         raise RecordError("invalid_format", f"mistral-common rejected the record: {short_error(e)}") from None
 
