@@ -43,3 +43,15 @@ def test_load_in_8bit_names_the_nearest_option():
     with pytest.raises(ConfigError, match=r"load_in_8bit \(bitsandbytes LLM.int8 base weights\) is not implemented "
                                           r"in magistune; the nearest option is adapter: qlora with load_in_4bit: true"):
         load_config(EXAMPLES / INT8)
+
+
+def test_the_migration_page_names_every_key_of_the_examples():
+    import yaml
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "from-axolotl.md").read_text(encoding="utf-8")
+    keys = set()
+    for name in FILES:
+        raw = yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8"))
+        keys |= set(raw) | {k for d in raw["datasets"] for k in d} | set(raw.get("fsdp_config") or {})
+    missing = sorted(k for k in keys if f"`{k}`" not in page and f"`{k.removeprefix('fsdp_')}`" not in page)
+    assert not missing, f"docs/from-axolotl.md does not name {missing}"
