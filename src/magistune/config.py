@@ -66,7 +66,7 @@ class DatasetConfig(_Strict):
     def _sharegpt(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("type") == "sharegpt":  # Axolotl's old type, read as chat_template
             data = {"field_messages": "conversations", "message_property_mappings": {"role": "from", "content": "value"},
-                    **data}
+                    **{k: v for k, v in data.items() if v is not None}}
         return data
 
     @model_validator(mode="after")
@@ -399,6 +399,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path
     if raw.get("activation_offloading") and not raw.get("gradient_checkpointing"):
         notes.append("activation_offloading: turns gradient_checkpointing on (the checkpointed layer inputs are "
                      "what it offloads)")
+    if cfg.loss_watchdog_threshold is not None:
+        notes.append("loss_watchdog_threshold: read, but the training loops do not call train/watchdog.py yet: the run "
+                     "will not stop on a high loss")
     if cfg.fsdp_version == 1:
         notes.append("fsdp_version: 1: magistune runs FSDP2 (fully_shard); the FSDP1 settings are mapped onto it")
     return cfg, notes

@@ -247,3 +247,13 @@ def test_reasoning_effort_on_a_tokenizer_before_v15_is_mistral_commons_error(tmp
     write_jsonl(tmp_path / "data.jsonl", [{"messages": OPENAI}])
     with pytest.raises(DataError, match="reasoning_effort.* is not supported for this model"):
         build(write_config, [{"path": "data.jsonl", "chat_template_kwargs": {"reasoning_effort": "high"}}])
+
+
+def test_shuffle_merged_datasets_is_part_of_the_cache_key(tmp_path, write_jsonl, write_config):
+    from magistune.data.build import resolve_tokenizer_file
+    from magistune.data.cache import cache_key
+
+    write_jsonl(tmp_path / "data.jsonl", [{"messages": OPENAI}])
+    keys = {cache_key(cfg, resolve_tokenizer_file(cfg))
+            for cfg in (load_config(write_config(shuffle_merged_datasets=v))[0] for v in (True, False))}
+    assert len(keys) == 2
