@@ -77,7 +77,7 @@ def test_dataset_option_errors():
 def test_empty_values_mean_the_default_but_null_stays_a_value():
     cfg, notes = parse(fp16=None, output_dir=None, gradient_checkpointing=None, max_grad_norm=None)
     assert (cfg.fp16, cfg.output_dir, cfg.gradient_checkpointing, cfg.max_grad_norm) == (False, "./model-out", False, None)
-    assert "fp16: empty: the default (False)" in notes
+    assert "fp16: empty: as if unset (default False)" in notes
 
 
 def test_shuffle_merged_datasets_is_a_key():

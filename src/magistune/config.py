@@ -370,7 +370,7 @@ def _empty_means_default(raw: dict[str, Any], key: str, model: type[BaseModel], 
         notes.append("output_dir: empty: Axolotl's default ./model-out")
         return
     raw.pop(key)
-    notes.append(f"{where}{key}: empty: the default ({field.default!r})")
+    notes.append(f"{where}{key}: empty: as if unset (default {field.default!r})")
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path | None = None) -> tuple[Config, list[str]]:
