@@ -247,7 +247,7 @@ def test_every_error_is_listed(tmp_path):
     ("deepspeed: deepspeed_configs/zero2.json", "deepspeed"),
     ("wandb_project: foo", "wandb_project"),
     ("hub_model_id: me/my-model", "hub_model_id"),
-    ("chat_template: chatml", "chat_template"),
+    ("chat_template_jinja: abc", "chat_template_jinja"),
     ("torch_compile: true", "torch_compile"),
     ("reward_model: foo", "reward_model"),
 ])
@@ -323,7 +323,7 @@ def test_bad_dataset_value_names_the_entry(tmp_path):
     ("base_model: tiny-random\n", "datasets: Field required"),
     ("base_model: tiny-random\ndatasets: []\n", "datasets: List should have at least 1 item"),
     ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nadapter: qlora\n", "adapter: qlora needs load_in_4bit: true"),
-    ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nload_in_8bit: true\n", "load_in_8bit is not implemented"),
+    ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nload_in_8bit: true\n", "load_in_8bit (bitsandbytes LLM.int8 base weights) is not implemented"),
     ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nwarmup_steps: 10\nwarmup_ratio: 0.1\n",
      "set warmup_steps or warmup_ratio, not both"),
     ("base_model: tiny-random\ndatasets: [{path: a.jsonl}]\nsystem_prompt: a\nsystem_prompt_file: b.txt\n",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magistune.config_compat import (
-    ACCEPTED_NOOP_KEYS, UNSUPPORTED_AXOLOTL_KEYS, normalise_axolotl_fsdp,
+    ACCEPTED_NOOP_KEYS, AXOLOTL_DEFAULT_VALUES, UNSUPPORTED_AXOLOTL_KEYS, axolotl_default_value, normalise_axolotl_fsdp,
 )
 
 
@@ -34,7 +35,7 @@ class DatasetConfig(_Strict):
     """One entry of `datasets:`."""
 
     path: str
-    type: Literal["chat_template", "mistral", "messages"] = "chat_template"
+    type: Literal["chat_template", "mistral", "messages", "sharegpt"] = "chat_template"  # sharegpt: an alias (below)
     split: str = "train"
     name: str | None = None  # HF dataset config name
     data_files: str | list[str] | None = None
@@ -47,6 +48,43 @@ class DatasetConfig(_Strict):
     train_on_inputs: bool = False
     excess_length_strategy: Literal["drop", "truncate"] | None = None  # None: the top-level value
     system_prompt: str | None = None
+    # --- Axolotl's chat_template dataset options (issue 19; docs/from-axolotl.md) ---
+    message_property_mappings: dict[str, str] | None = None  # our message key → the record's key, e.g. role: from
+    roles: dict[str, list[str]] | None = None  # our role → the record's role names; None: Axolotl's defaults
+    message_field_training: str | None = None  # a message key holding true/false: train that assistant message
+    roles_to_train: list[str] = ["assistant"]  # [] trains only messages flagged by message_field_training
+    train_on_eos: Literal["turn", "last", "all", "none"] = "turn"  # which assistant </s> tokens are trained
+    field_thinking: str = "reasoning_content"  # the message key holding the reasoning trace
+    drop_system_message: bool = False  # drop a leading system message (the system_prompt option still applies)
+    ds_type: Literal["json", "jsonl", "parquet"] | None = None  # the file's format when its suffix does not say
+    shards: int | None = Field(default=None, ge=1)  # keep one of `shards` contiguous pieces of the records …
+    shards_idx: int = Field(default=0, ge=0)  # … this one (datasets.Dataset.shard's meaning)
+    chat_template_kwargs: dict[str, Any] | None = None  # {reasoning_effort: …}: mistral-common's model setting (v15)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sharegpt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") == "sharegpt":  # Axolotl's old type, read as chat_template
+            data = {"field_messages": "conversations", "message_property_mappings": {"role": "from", "content": "value"},
+                    **{k: v for k, v in data.items() if v is not None}}
+        return data
+
+    @model_validator(mode="after")
+    def _axolotl_options(self) -> "DatasetConfig":
+        wrong = [r for r in self.roles_to_train if r != "assistant"]
+        if wrong:
+            raise ValueError(f"roles_to_train: {wrong[0]!r} cannot be trained: mistral-common's fine-tuning format "
+                             "trains assistant messages only (FinetuningAssistantMessage carries the weight; "
+                             f"{wrong[0]} messages are the prompt); use [assistant] or []")
+        unknown = sorted(set(self.chat_template_kwargs or {}) - {"reasoning_effort"})
+        if unknown:
+            raise ValueError(f"chat_template_kwargs: {unknown[0]!r} cannot apply: mistral-common has no chat template; "
+                             "its only request setting is reasoning_effort (tokenizers v15 on)")
+        if self.shards is not None and self.shards_idx >= self.shards:
+            raise ValueError(f"shards_idx: {self.shards_idx} must be below shards ({self.shards})")
+        if self.train_on_inputs and self.train_on_eos != "turn":
+            raise ValueError("train_on_eos: train_on_inputs trains every token, every </s> included")
+        return self
 
 
 class TRLConfig(_Strict):
@@ -119,6 +157,10 @@ class Config(_Strict):
     max_image_tokens_per_sample: int | None = Field(default=None, ge=1)
     sample_packing: bool = False
     eval_sample_packing: bool | None = None
+    # --- Axolotl's data keys (issue 19; docs/from-axolotl.md) ---
+    shuffle_merged_datasets: bool = True  # False: the merged datasets keep their order; eval is the last samples
+    train_on_inputs: bool | None = None  # Axolotl's top-level default for every dataset that does not set it
+    chat_template_kwargs: dict[str, Any] | None = None  # the same, for every dataset that does not set its own
     pad_to_sequence_len: bool = False
 
     # --- adapters and precision ----------------------------------------------------------------
@@ -195,6 +237,9 @@ class Config(_Strict):
     overwrite_output_dir: bool = False  # delete an earlier run's files in output_dir and start again
     logging_steps: int = Field(default=1, ge=1)
     output_dir: str = "./outputs"
+    # --- Axolotl's loss watchdog (issue 19): stop when the loss stays above a threshold ---
+    loss_watchdog_threshold: float | None = Field(default=None, gt=0)  # stop when the loss exceeds it …
+    loss_watchdog_patience: int = Field(default=3, ge=1)  # … for this many optimizer steps in a row
 
     # Where the config file lives; relative paths resolve against it. Not a YAML key.
     config_dir: Path = Field(default=Path("."), exclude=True)
@@ -237,7 +282,16 @@ class Config(_Strict):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are exclusive")
         if self.load_in_8bit:
-            raise ValueError("load_in_8bit is not implemented in magistune: use adapter: qlora with load_in_4bit")
+            raise ValueError("load_in_8bit (bitsandbytes LLM.int8 base weights) is not implemented in magistune; the "
+                             "nearest option is adapter: qlora with load_in_4bit: true (NF4 base weights, LoRA on top)")
+        if not self.tokenizer_use_mistral_common:
+            raise ValueError("tokenizer_use_mistral_common: false is not supported: magistune tokenises with mistral-common only (ids equal to "
+                             "encode_chat_completion); remove the key or set it to true")
+        for key in ("train_on_inputs", "chat_template_kwargs"):  # Axolotl's top-level defaults for the datasets
+            if getattr(self, key) is not None:
+                for ds in self.datasets:
+                    if key not in ds.model_fields_set:
+                        setattr(ds, key, getattr(self, key))
         if self.fp16:
             raise ValueError("fp16 is not implemented in magistune: use bf16 (every GPU that runs Magistral has it)")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
@@ -302,7 +356,9 @@ class Config(_Strict):
             if ds.type != "chat_template":
                 raise ValueError(f"datasets[{i}].type: {ds.type} is the SFT messages format; with rl: {self.rl} use "
                                  "type: chat_template (TRL's conversational preference records)")
-            for key, default in (("train_on", "all_assistant"), ("train_thinking", True), ("train_on_inputs", False)):
+            for key, default in (("train_on", "all_assistant"), ("train_thinking", True), ("train_on_inputs", False),
+                                 ("roles_to_train", ["assistant"]), ("train_on_eos", "turn"),
+                                 ("message_field_training", None)):
                 if getattr(ds, key) != default:
                     raise ValueError(f"datasets[{i}].{key}: not used with rl: {self.rl} (the labels cover the final "
                                      "answer whole: its thinking, text, tool calls and </s>)")
@@ -354,8 +410,16 @@ def _check_keys(raw: dict[str, Any], model: type[BaseModel], where: str, notes: 
         value = raw[key]
         empty = value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
         if key in valid:
+            _empty_means_default(raw, key, model, where, notes)
             continue
-        if key in ACCEPTED_NOOP_KEYS or (key in UNSUPPORTED_AXOLOTL_KEYS and empty):
+        if key in AXOLOTL_DEFAULT_VALUES:
+            error = axolotl_default_value(key, value)
+            if error:
+                errors.append(f"{where}{key}: {error}")
+            else:
+                notes.append(f"{where}{key}: {value!r} accepted ({AXOLOTL_DEFAULT_VALUES[key]})")
+                raw.pop(key)
+        elif key in ACCEPTED_NOOP_KEYS or (key in UNSUPPORTED_AXOLOTL_KEYS and empty):
             notes.append(f"{where}{key}: ignored ({ACCEPTED_NOOP_KEYS.get(key, 'empty')})")
             raw.pop(key)
         elif key in UNSUPPORTED_AXOLOTL_KEYS:
@@ -363,6 +427,20 @@ def _check_keys(raw: dict[str, Any], model: type[BaseModel], where: str, notes: 
         else:
             errors.append(f"{where}{key}: unknown key{_closest(key, valid)}")
     return errors
+
+
+def _empty_means_default(raw: dict[str, Any], key: str, model: type[BaseModel], where: str, notes: list[str]) -> None:
+    """`key:` left empty, as Axolotl's examples do (`fp16:`, `gradient_checkpointing:`): the default, as in Axolotl.
+    Only where null is not itself a value of the key; output_dir gets Axolotl's default ./model-out."""
+    field = model.model_fields[key]
+    if raw[key] is not None or field.is_required() or type(None) in typing.get_args(field.annotation):
+        return
+    if model is Config and key == "output_dir":
+        raw[key] = "./model-out"
+        notes.append("output_dir: empty: Axolotl's default ./model-out")
+        return
+    raw.pop(key)
+    notes.append(f"{where}{key}: empty: as if unset (default {field.default!r})")
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path | None = None) -> tuple[Config, list[str]]:
@@ -394,6 +472,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path
     if raw.get("activation_offloading") and not raw.get("gradient_checkpointing"):
         notes.append("activation_offloading: turns gradient_checkpointing on (the checkpointed layer inputs are "
                      "what it offloads)")
+    if cfg.loss_watchdog_threshold is not None:
+        notes.append("loss_watchdog_threshold: read, but the training loops do not call train/watchdog.py yet: the run "
+                     "will not stop on a high loss")
     if cfg.fsdp_version == 1:
         notes.append("fsdp_version: 1: magistune runs FSDP2 (fully_shard); the FSDP1 settings are mapped onto it")
     return cfg, notes

@@ -17,7 +17,34 @@ ACCEPTED_NOOP_KEYS: dict[str, str] = {
     "early_stopping_patience": "not used",
     "auto_resume_from_checkpoints": "use resume_from_checkpoint: auto",
     "debug": "not used",
+    # Axolotl keys from its Magistral / Mistral examples (issue 19; docs/from-axolotl.md)
+    "processor_type": "images are encoded by mistral-common's image encoder from the tokenizer file",
+    "skip_prepare_dataset": "samples are always tokenised ahead and cached (images included); that is fast here",
+    "remove_unused_columns": "records are read whole; only the messages and tools fields are used",
+    "dataset_num_proc": "tokenising is one process (1,000 conversations take 3-4 s)",
+    **{k: "the fused LoRA kernels are not wired in yet; LoRA runs through PEFT's layers (same result, slower)"
+       for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")},
 }
+
+# Axolotl keys accepted when they hold Axolotl's default, which is what magistune does; other values are an error.
+AXOLOTL_DEFAULT_VALUES: dict[str, str] = {
+    "chat_template": "mistral-common encodes the conversations: the tokenizer's own format, as tokenizer_default means",
+    "eot_tokens": "empty: mistral-common ends each assistant turn with </s>, trained per train_on_eos",
+}
+
+
+def axolotl_default_value(key: str, value) -> str | None:
+    """Why `value` of an AXOLOTL_DEFAULT_VALUES key cannot be honoured, or None when it is accepted."""
+    if key == "chat_template":
+        if value is None or value == "tokenizer_default" or str(value).startswith("tokenizer_default_fallback_"):
+            return None
+        return (f"{value!r} is not supported: magistune encodes with mistral-common (ids equal to "
+                "encode_chat_completion), never a jinja template; use tokenizer_default or remove the key")
+    if key == "eot_tokens":
+        return None if not value else (
+            "mistral-common's end-of-turn tokens are fixed by the tokenizer version ([/INST] closes the user turn, "
+            "</s> the assistant's); they cannot be changed; remove the key (train_on_eos picks which </s> train)")
+    raise KeyError(key)
 
 # Axolotl keys that magistune does not implement (an error unless the value is empty).
 UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
@@ -30,7 +57,6 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "hub_strategy": "pushing to the Hugging Face Hub is not built in (no hub access)",
     "push_dataset_to_hub": "pushing to the Hugging Face Hub is not built in (no hub access)",
     "deepspeed": "DeepSpeed is not supported; multi-GPU uses FSDP2 through torchrun",
-    "chat_template": "magistune tokenises with mistral-common only; chat templates are not used",
     "chat_template_jinja": "magistune tokenises with mistral-common only; chat templates are not used",
     "special_tokens": "special tokens come from the tokenizer file (tekken.json)",
     "tokens": "adding tokens is not supported; the tokenizer file is used as is",
@@ -53,11 +79,22 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "adam_beta1": "not implemented; AdamW uses betas (0.9, 0.999)",
     "adam_beta2": "not implemented; AdamW uses betas (0.9, 0.999)",
     "adam_epsilon": "not implemented; AdamW uses eps 1e-8",
-    "shuffle_merged_datasets": "datasets are always shuffled with seed",
+    "message_field_training_detail": "character-offset masks inside a message are not implemented; split the "
+                                     "message, or use message_field_training per message",
+    "train_on_eot": "mistral-common's turns end with </s> (assistant) or [/INST] (user); use train_on_eos",
     "test_datasets": "not implemented; use val_set_size",
     "liger_rope": "not implemented (RoPE is applied inside transformers' attention function; magistune does not patch it)",
     "liger_fused_linear_cross_entropy": "not implemented; use cut_cross_entropy: true (the same job, Apple's kernels)",
     "unsloth_lora_mlp": "Unsloth kernels are not supported",
+    # from Axolotl's other Mistral examples (Mixtral, Mistral 4, DPO/ORPO; docs/from-axolotl.md)
+    "quantize_moe_experts": "mixture-of-experts models (Mixtral, Mistral 4) are not supported; Magistral is dense",
+    "use_sonicmoe": "mixture-of-experts models (Mixtral, Mistral 4) are not supported; Magistral is dense",
+    "use_kernels": "kernels from the Hugging Face kernel hub are not used (no hub access); see liger_glu_activation, "
+                   "liger_rms_norm and cut_cross_entropy",
+    "model_config": "overriding the model's config.json is not supported",
+    "orpo_alpha": "ORPO's λ is rl_beta here (TRL's name `beta`): use rl: orpo with rl_beta",
+    "field_chosen": "preference records use TRL's fields: prompt / chosen / rejected (docs/config.md, Preference tuning)",
+    "field_rejected": "preference records use TRL's fields: prompt / chosen / rejected (docs/config.md, Preference tuning)",
 }
 
 # Axolotl's FSDP settings → magistune's keys (docs/multi-gpu.md). Axolotl spells them as `fsdp: [full_shard,

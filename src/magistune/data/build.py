@@ -20,7 +20,7 @@ from magistune.data.cache import cache_key, load_cached, save_cached
 from magistune.data.encode import ConversationEncoder, LabelOptions
 from magistune.data.errors import DataError, RecordError
 from magistune.data.images import ImageOptions, local_file_stamp
-from magistune.data.records import RecordOptions, parse_record
+from magistune.data.records import AXOLOTL_DEFAULT_ROLES, RecordOptions, parse_record
 from magistune.data.report import DataReport, Rejected, format_report, format_warnings
 from magistune.data.sample import PreparedData, Sample
 from magistune.data.sources import BadLine, SourceError, iter_records, open_source, system_prompt_for
@@ -49,13 +49,14 @@ def resolve_tokenizer_file(cfg: Config) -> Path:
 def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, rep: DataReport,
                     image_files: set[str], progress: bool) -> list[Sample]:
     """Every record of one dataset: bad ones go to rep.rejected, long ones follow the length policy."""
-    labels_opts = LabelOptions(train_thinking=ds.train_thinking, train_on_inputs=ds.train_on_inputs)
+    labels_opts = LabelOptions(train_thinking=ds.train_thinking, train_on_inputs=ds.train_on_inputs,
+                               train_on_eos=ds.train_on_eos)
     policy = ds.excess_length_strategy or cfg.excess_length_strategy
     limit = cfg.sequence_len
     try:
         src = open_source(ds, cfg)
         opts = _record_options(ds, cfg, encoder, src)
-        records = iter_records(src)
+        records = shard_records(iter_records(src), ds)
         samples: list[Sample] = []
         records_before = rep.records
         for where, record in tqdm(records, desc=f"tokenising {ds.path}", unit=" rec", disable=not progress, file=sys.stderr):
@@ -112,7 +113,23 @@ def _record_options(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder
         ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on,
         supports_images=encoder.instruct.image_encoder is not None,
         images=image_options(cfg, base_dir or cfg.config_dir),
+        property_mappings=tuple((ds.message_property_mappings or {}).items()),
+        roles=AXOLOTL_DEFAULT_ROLES if ds.roles is None else tuple((n, r) for r, names in ds.roles.items() for n in names),
+        field_training=ds.message_field_training, field_thinking=ds.field_thinking,
+        default_weight=int("assistant" in ds.roles_to_train), drop_system_message=ds.drop_system_message,
+        reasoning_effort=(ds.chat_template_kwargs or {}).get("reasoning_effort"),
     )
+
+
+def shard_records(records, ds: DatasetConfig):
+    """Axolotl's `shards`/`shards_idx`: piece shards_idx of `shards` contiguous pieces, as datasets.Dataset.shard
+    (contiguous=True) cuts them: the first len % shards pieces hold one record more."""
+    if ds.shards is None:
+        return records
+    records = list(records)
+    size, extra = divmod(len(records), ds.shards)
+    start = ds.shards_idx * size + min(ds.shards_idx, extra)
+    return records[start:start + size + (ds.shards_idx < extra)]
 
 
 def _encode_preference_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, rep: DataReport,
@@ -211,15 +228,22 @@ def encode_all(cfg: Config, progress: bool = True) -> tuple[list[Sample], DataRe
 
 
 def split_samples(samples: list[Sample], cfg: Config) -> tuple[list[Sample], list[Sample]]:
-    """Seeded shuffle, then val_set_size (a fraction if < 1, a count otherwise) goes to eval."""
+    """Seeded shuffle, then val_set_size (a fraction if < 1, a count otherwise) goes to eval. With
+    shuffle_merged_datasets: false the order stays and eval is the last samples (train_test_split(shuffle=False))."""
     order = list(range(len(samples)))
-    random.Random(cfg.seed).shuffle(order)
+    if cfg.shuffle_merged_datasets:
+        random.Random(cfg.seed).shuffle(order)
+    else:
+        order.reverse()  # eval takes order[:n_eval]: the last samples; train is then re-reversed below
     n_eval = round(cfg.val_set_size * len(samples)) if cfg.val_set_size < 1 else int(cfg.val_set_size)
     if cfg.val_set_size > 0 and len(samples) > 1:
         n_eval = min(max(n_eval, 1), len(samples) - 1)
     else:
         n_eval = 0
-    return [samples[i] for i in order[n_eval:]], [samples[i] for i in order[:n_eval]]
+    train, eval_ = order[n_eval:], order[:n_eval]
+    if not cfg.shuffle_merged_datasets:
+        train, eval_ = train[::-1], eval_[::-1]
+    return [samples[i] for i in train], [samples[i] for i in eval_]
 
 
 def _split_and_count(samples: list[Sample], cfg: Config, rep: DataReport) -> tuple[list[Sample], list[Sample]]:

@@ -27,6 +27,7 @@ from magistune.tokenizer import SpecialIds
 class LabelOptions:
     train_thinking: bool = True  # False masks [THINK]…[/THINK] but still trains the answer
     train_on_inputs: bool = False  # True trains every token but BOS
+    train_on_eos: str = "turn"  # Axolotl's: which assistant </s> train: turn (trained messages'), last, all, none
 
 
 def assistant_run_weights(conv: Conversation) -> list[int]:
@@ -72,6 +73,7 @@ class ConversationEncoder:
         input_ids: list[int] = list(it.start())
         labels: list[int] = [IGNORE_INDEX] * len(input_ids)
         images: list = []
+        eos_at: list[int] = []  # where each assistant message's </s> is
         try:
             for idx, msg in enumerate(request.messages):
                 trained = False
@@ -91,6 +93,8 @@ class ConversationEncoder:
                     tokens, _ = it.encode_system_message(msg)
                 else:
                     raise RecordError("invalid_format", f"unknown message type {type(msg).__name__}")
+                if isinstance(msg, AssistantMessage) and tokens and tokens[-1] == self.ids.eos:
+                    eos_at.append(len(input_ids) + len(tokens) - 1)
                 input_ids.extend(tokens)
                 if trained:
                     labels.extend(self._assistant_labels(tokens, msg, opts))
@@ -103,6 +107,10 @@ class ConversationEncoder:
 
         if opts.train_on_inputs:
             labels = [IGNORE_INDEX] + input_ids[1:]
+        elif opts.train_on_eos != "turn":
+            for k, pos in enumerate(eos_at):
+                keep = {"all": True, "none": False, "last": k == len(eos_at) - 1}[opts.train_on_eos]
+                labels[pos] = input_ids[pos] if keep else IGNORE_INDEX
         return input_ids, labels, images
 
     def _image_bytes(self, conv: Conversation, msg, encoded: list) -> list[bytes]:

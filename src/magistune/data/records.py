@@ -24,6 +24,29 @@ ROLES = ("system", "user", "assistant", "tool")
 TEXT_PARTS = ("text", "thinking")
 EXTRA_KEYS = ("weight", "train")  # ours (mistral-finetune's `weight`, Axolotl-style `train`), read before conversion
 MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning", *EXTRA_KEYS}
+# Axolotl's default `roles`: (the record's role name, ours); names not listed are kept as written
+AXOLOTL_DEFAULT_ROLES = (("human", "user"), ("user", "user"), ("gpt", "assistant"), ("assistant", "assistant"),
+                         ("system", "system"), ("tool", "tool"))
+
+
+def map_message(msg: dict, opts: RecordOptions) -> dict | None:
+    """One record message in our key and role names (Axolotl's message_property_mappings, roles, field_thinking,
+    message_field_training). A prompt message flagged untrained loses the flag: prompts are never trained here."""
+    if opts.property_mappings:
+        sources = {theirs for _, theirs in opts.property_mappings}
+        mapped = {ours: msg[theirs] for ours, theirs in opts.property_mappings if theirs in msg}
+        msg = {**{k: v for k, v in msg.items() if k not in sources}, **mapped}
+    if opts.field_thinking != "reasoning_content" and opts.field_thinking in msg:
+        msg["reasoning_content"] = msg.pop(opts.field_thinking)
+    roles = dict(opts.roles)
+    if isinstance(msg.get("role"), str):
+        msg["role"] = roles.get(msg["role"], msg["role"])
+    if opts.field_training and opts.field_training in msg:
+        flag = msg.pop(opts.field_training)
+        if flag is False and msg.get("role") != "assistant":
+            return msg
+        msg["train"] = flag
+    return msg
 
 
 @dataclass
@@ -44,6 +67,14 @@ class RecordOptions:
     train_on: str = "all_assistant"
     supports_images: bool = False  # the tokenizer has an image config
     images: ImageOptions = ImageOptions()
+    # Axolotl's chat_template options (docs/from-axolotl.md): how a record's messages map onto ours
+    property_mappings: tuple[tuple[str, str], ...] = ()  # (our key, the record's key), e.g. ("role", "from")
+    roles: tuple[tuple[str, str], ...] = AXOLOTL_DEFAULT_ROLES  # (the record's role, ours)
+    field_training: str | None = None  # a message key holding true/false, read as our `train`
+    field_thinking: str = "reasoning_content"
+    default_weight: int = 1  # an assistant message without weight/train: 1 with roles_to_train [assistant], else 0
+    drop_system_message: bool = False
+    reasoning_effort: str | None = None  # chat_template_kwargs' reasoning_effort: mistral-common's setting (v15)
 
 
 def _drop_nones(d: dict) -> dict:
@@ -155,15 +186,20 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
     with_images: list[list | None] = []  # per message: its content as mistral-common chunks, when it has images
     image_bytes: dict[int, bytes] = {}
     image_origins: list[str] = []
+    mapped: list[dict] = []  # the messages in our names (Axolotl's mappings applied)
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise RecordError("wrong_type", f"messages[{i}] must be an object")
-        msg = _drop_nones(msg)
+        msg = map_message(_drop_nones(msg), opts)
+        mapped.append(msg)
+        if opts.drop_system_message and i == 0 and msg.get("role") == "system":
+            continue
         if isinstance(msg.get("content"), list):  # parts of a parquet / datasets row are None-filled structs too
             msg["content"] = [_drop_nones(p) if isinstance(p, dict) else p for p in msg["content"]]
         role = msg.get("role")
         if role not in ROLES:
-            raise RecordError("unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+            raise RecordError("unknown_role", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)} "
+                              "(the dataset's `roles` option maps other names)")
         unknown = sorted(set(msg) - MESSAGE_KEYS)
         if unknown:  # mistral-common's conversion would drop them silently (a typo like reasoning_contnt)
             raise RecordError("unknown_key", f"messages[{i}] has unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(MESSAGE_KEYS))})")
@@ -180,7 +216,7 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
                     raise RecordError("thinking_unsupported", f"messages[{i}] has reasoning_content, but the tokenizer has no [THINK] token (needs v13)")
             if not msg.get("content") and not msg.get("tool_calls") and not reasoning:
                 raise RecordError("empty_assistant", f"messages[{i}]: an assistant message needs content, reasoning or tool_calls")
-            weights.append(1 if weight is None else weight)
+            weights.append(opts.default_weight if weight is None else weight)
         elif role == "tool" and not (isinstance(msg.get("tool_call_id"), str) and msg["tool_call_id"]):
             raise RecordError("tool_message_without_id", f"messages[{i}]: a tool message needs a 'tool_call_id'")
         elif role in ("system", "user", "tool") and not isinstance(msg.get("content", ""), (str, list)):
@@ -192,6 +228,8 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
         clean.append(msg)
         with_images.append(chunks)
 
+    if not clean:
+        raise RecordError("no_messages", "no message is left after drop_system_message")
     if clean[-1]["role"] != "assistant":
         raise RecordError("last_not_assistant", f"the last message is from '{clean[-1]['role']}'; a training conversation ends with the assistant")
     if opts.system_prompt is not None and not any(m["role"] == "system" for m in clean):
@@ -201,7 +239,8 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
         weights = [0] * (len(weights) - 1) + [weights[-1]]
 
     try:
-        request = ChatCompletionRequest.from_openai(clean, tools=tools)
+        effort = {} if opts.reasoning_effort is None else {"reasoning_effort": opts.reasoning_effort}
+        request = ChatCompletionRequest.from_openai(clean, tools=tools, **effort)
     except Exception as e:  # pydantic ValidationError, ValueError, … from mistral-common
         raise RecordError("invalid_format", f"mistral-common rejected the record: {short_error(e)}") from None
 
@@ -217,7 +256,7 @@ def parse_record(record: Any, opts: RecordOptions) -> Conversation:
             m = request.messages[j]
             request.messages[j] = type(m)(**{f: getattr(m, f) for f in type(m).model_fields if f != "content"}, content=chunks)
     return Conversation(request=request, weights=weights, image_bytes=image_bytes, image_origins=image_origins,
-                        warnings=undeclared_tool_calls(messages, tools))
+                        warnings=undeclared_tool_calls(mapped, tools))
 
 
 def image_chunks(i: int, content: Any, opts: RecordOptions, image_bytes: dict[int, bytes],

@@ -42,7 +42,25 @@ class Source:
             return "hub"
         if self.path.is_dir():
             return "disk"
-        return {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(self.path.suffix.lower(), "unknown")
+        kind = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(self.path.suffix.lower(), "unknown")
+        if kind == "unknown" and self.cfg.ds_type == "parquet":
+            return "parquet"
+        if self.cfg.ds_type in ("json", "jsonl") and kind in ("json", "unknown"):
+            return _json_or_lines(self.path)  # Axolotl's `json` reads a list or JSON lines, as datasets' loader does
+        return kind
+
+
+def _json_or_lines(path: Path) -> str:
+    """`json` when the file holds one JSON value (a list, or one record), `jsonl` when it holds one per line."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).lstrip(UTF8_BOM).lstrip()
+    if head.startswith(b"["):
+        return "json"
+    try:
+        json.loads(path.read_bytes().decode("utf-8-sig", errors="surrogateescape"))
+        return "json"
+    except ValueError:
+        return "jsonl"
 
 
 def open_source(ds: DatasetConfig, cfg: Config) -> Source:
