@@ -472,9 +472,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", config_dir: Path
     if raw.get("activation_offloading") and not raw.get("gradient_checkpointing"):
         notes.append("activation_offloading: turns gradient_checkpointing on (the checkpointed layer inputs are "
                      "what it offloads)")
-    if cfg.loss_watchdog_threshold is not None:
-        notes.append("loss_watchdog_threshold: read, but the training loops do not call train/watchdog.py yet: the run "
-                     "will not stop on a high loss")
+    if cfg.loss_watchdog_threshold is not None and cfg.rl == "grpo":
+        notes.append("loss_watchdog_threshold: not used with rl: grpo (its loss is a policy-gradient surrogate, not a "
+                     "quantity that should stay low)")
     if cfg.fsdp_version == 1:
         notes.append("fsdp_version: 1: magistune runs FSDP2 (fully_shard); the FSDP1 settings are mapped onto it")
     return cfg, notes

@@ -101,6 +101,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make, capsys, monkeyp
     assert not (out / "model.safetensors").exists()  # no final model from a failed run
 
 
+def test_loss_watchdog_stops_a_run_whose_loss_stays_high(make, capsys, fast_tokenizer):
+    """Axolotl's loss_watchdog_threshold/_patience: tiny-random's loss (about 11.8) stays above 5 for 2 steps in a
+    row, so the run stops at step 2, before that step's optimizer update, keeping checkpoint-1."""
+    path = make(max_steps=5, save_steps=1, loss_watchdog_threshold=5.0, loss_watchdog_patience=2)
+    rc, err = train_rc(path, capsys)
+    out = path.parent / "out"
+    assert rc == 1
+    assert "loss above loss_watchdog_threshold 5 for 2" in err and "checkpoint-1" in err
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
+
+
 def test_out_of_memory_is_explained(make, capsys, monkeypatch, fast_tokenizer):
     def oom(_):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -42,6 +42,7 @@ from magistune.train.preference_step import (PairLogps, PreferenceTotals, collat
 from magistune.train.preflight import (
     autocast_for, oom_advice, preflight, resolved_config, seed_everything, write_resolved_config,
 )
+from magistune.train.watchdog import LossWatchdog
 from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, oom_summary
 
 SETUP_ERRORS = (ConfigError, ckpt.CheckpointError, OptimizerError, DataError, TokenizerError)
@@ -79,6 +80,7 @@ class DPO:
 
     def __init__(self, cfg: Config, say: Printer):
         self.cfg, self.say = cfg, say
+        self.watchdog = LossWatchdog.from_config(cfg)  # loss_watchdog_threshold: stop on a loss that stays high
         self.kto = cfg.rl == "kto"
         self.unit = "examples" if self.kto else "pairs"
 
@@ -262,6 +264,7 @@ class DPO:
         result = self.forward_backward(micro)
         if not math.isfinite(result.loss):
             raise TrainingStopped(f"loss is {result.loss} at step {self.step + 1}")
+        self.watchdog.check(self.step + 1, result.loss)  # before the optimizer step
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not math.isfinite(grad_norm):
             raise TrainingStopped(f"gradient norm is {grad_norm} at step {self.step + 1} (loss {result.loss:.4f})")

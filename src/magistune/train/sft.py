@@ -35,6 +35,7 @@ from magistune.train.packing import packings_for
 from magistune.train.preflight import (
     autocast_for, oom_advice, preflight, resolved_config, seed_everything, write_resolved_config,
 )
+from magistune.train.watchdog import LossWatchdog
 from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, oom_summary
 
 SETUP_ERRORS = (ConfigError, ckpt.CheckpointError, OptimizerError, DataError, TokenizerError)
@@ -63,6 +64,7 @@ class SFT:
 
     def __init__(self, cfg: Config, say: Printer):
         self.cfg, self.say = cfg, say
+        self.watchdog = LossWatchdog.from_config(cfg)  # loss_watchdog_threshold: stop on a loss that stays high
         self.pre = None
 
     def release(self) -> None:
@@ -193,6 +195,7 @@ class SFT:
             self.log.message(f"note: step {self.step + 1} has no trained token; its samples are skipped")
         elif not math.isfinite(result.loss):
             raise TrainingStopped(f"loss is {result.loss} at step {self.step + 1}")
+        self.watchdog.check(self.step + 1, result.loss if result.n_trained else None)  # before the optimizer step
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if result.n_trained and not math.isfinite(grad_norm):
             raise TrainingStopped(f"gradient norm is {grad_norm} at step {self.step + 1} (loss {result.loss:.4f})")
