@@ -1,6 +1,7 @@
 """A QLoRA GRPO step on real Magistral Small shapes with random weights: magistune beside TRL's GRPOTrainer.
 
-    python bench/grpo_step.py --side magistune|trl [--prompt 256 --new 512 --generations 8] [--layers 40]
+    python bench/grpo_step.py --side magistune|trl [--rollout fast|plain] [--prompt 256 --new 512 --generations 8]
+        [--layers 40]
         [--warmup 1] [--tiny | --tiny-nf4] [--out bench_grpo_step.jsonl]
 
 One step = one prompt of --prompt random ids (the same on both sides), G = --generations completions of exactly
@@ -12,7 +13,9 @@ completion: it varies within a group, so Magistral's loss keeps the group), adva
 
 Sides (same random NF4 model from bench/random_model.py, LoRA r=32 alpha=16 on all 7 projections, dropout
 --dropout on both, bf16, non-reentrant gradient checkpointing, 8-bit AdamW, temperature 0.7, top-p 0.95):
-    magistune  model.adapt_model + train.rollout.generate_rollouts (the KV-cache loop of model/generation.py) +
+    magistune  model.adapt_model + train.rollout.generate_rollouts (--rollout fast: model/static_generation.py's
+               static KV cache with the decode step replayed from a CUDA graph, what the recipe runs on CUDA;
+               plain: the DynamicCache loop of model/generation.py, what it runs elsewhere) +
                grpo_loss.advantages / sequence_weights + the recipe's own GRPO.forward_backward (loss_type
                magistral, micro-batch = G), as train/grpo.py runs a step. Warm-up: one untimed step with
                --warmup-new new tokens; then the timed step; then a prefill probe (max_new_tokens 1) so that
@@ -36,6 +39,7 @@ import json
 import platform
 import tempfile
 import time
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -78,6 +82,7 @@ def magistune_side(args, model, cfg, prompts, device: torch.device) -> dict:
     """One GRPO step through train/grpo.py's components: rollouts, rewards, advantages, the recipe's
     forward_backward, clip, 8-bit AdamW; timed part by part."""
     from magistune.model import adapt_model, resolve_dtype
+    from magistune.model.static_generation import static_unsupported
     from magistune.train.grpo import GRPO
     from magistune.train.grpo_loss import advantages, sequence_weights
     from magistune.train.metrics import Printer
@@ -89,6 +94,9 @@ def magistune_side(args, model, cfg, prompts, device: torch.device) -> dict:
     for note in notes:
         print("note:", note)
     model.train()
+    why = static_unsupported(model) if args.rollout == "fast" else None
+    if why:  # generate_rollouts would quietly take the plain loop: measure nothing under the wrong name
+        raise SystemExit(f"--rollout fast: {why}")
     optimizer = build_optimizer(model, cfg, device)
     params = [q for q in model.parameters() if q.requires_grad]
     autocast = autocast_for(device, resolve_dtype(cfg, device))
@@ -98,7 +106,8 @@ def magistune_side(args, model, cfg, prompts, device: torch.device) -> dict:
 
     def rollout(prompt: list[int], new: int, seed: int) -> list[list[int]]:
         generator = torch.Generator(device=device).manual_seed(seed)
-        return generate_rollouts(model, [prompt] * G, NO_EOS, pad, new, TEMPERATURE, TOP_P, generator, autocast)
+        return generate_rollouts(model, [prompt] * G, NO_EOS, pad, new, TEMPERATURE, TOP_P, generator, autocast,
+                                 fast=args.rollout == "fast")
 
     def step(prompt: list[int], new: int, seed: int) -> dict:
         t = {}
@@ -144,7 +153,6 @@ def magistune_side(args, model, cfg, prompts, device: torch.device) -> dict:
     return timed | {
         "generate_s": timed["rollout_s"], "prefill_s": prefill,
         "decode_ms": 1000 * (timed["rollout_s"] - prefill) / max(args.new - 1, 1),
-        "rollout_path": "plain (model/generation.py: DynamicCache, one forward per token)",
         "lora_dropout_run": lora_dropout(model), "adapter_dtype": adapter_dtype(model),
         "checked": f"{G} completions of exactly {args.new} tokens; a trained group (rewards differ)",
     }
@@ -223,7 +231,7 @@ def trl_side(args, model, prompts, device: torch.device) -> dict:
     rollout_s = timing["rollout"][-1]
     return {"step_s": step_s, "generate_s": gen["s"], "rollout_s": rollout_s, "train_s": step_s - rollout_s,
             "decode_ms": 1000 * gen["s"] / args.new, "peak_gib": timing["peak"], "peak_rollout_gib": gen["peak"],
-            "loss": mean_loss, "rollout_path": "HF generate (DynamicCache)",
+            "loss": mean_loss,
             "lora_dropout_run": dropout, "adapter_dtype": dtype,
             "checked": f"TRL's prompt ids equal ours; {G} completions of exactly {args.new} tokens (min_new_tokens)"}
 
@@ -231,6 +239,9 @@ def trl_side(args, model, prompts, device: torch.device) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--side", choices=["magistune", "trl"], required=True)
+    p.add_argument("--rollout", choices=["plain", "fast"], default="fast",
+                   help="magistune's rollout path: plain = model/generation.py's loop; fast = model/static_generation.py "
+                        "(static KV cache, the decode step as a CUDA graph on CUDA, eagerly on the CPU)")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     p.add_argument("--new", type=int, default=512, help="new tokens of each completion")
     p.add_argument("--generations", type=int, default=8, help="G completions of the one prompt")
@@ -256,10 +267,13 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     text_config = model.config.get_text_config()
     prompts = random_prompts(args, text_config.vocab_size)
-    if args.side == "trl":
-        r = trl_side(args, model, prompts, device)
-    else:
-        r = magistune_side(args, model, cfg, prompts, device)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a decode step that could not be captured
+        warnings.simplefilter("always")
+        if args.side == "trl":
+            r = trl_side(args, model, prompts, device)
+        else:
+            r = magistune_side(args, model, cfg, prompts, device)
+    notes = sorted({str(w.message)[:300] for w in caught if "static_generation" in w.filename})
     G = args.generations
     row = {
         "side": args.side, "prompt": args.prompt, "new": args.new, "generations": G,
@@ -271,9 +285,10 @@ def main() -> None:
         **{k: round(v, 3) for k, v in r.items() if k.endswith("_s")},
         "peak_gib": r["peak_gib"], "peak_rollout_gib": r["peak_rollout_gib"],
         "weights_gib": round(info.weight_bytes / 2**30, 2), "build_s": round(build_s, 1),
-        "loss": round(float(r["loss"]), 5), "reward": r.get("reward"), "rollout_path": r["rollout_path"],
+        "loss": round(float(r["loss"]), 5), "reward": r.get("reward"),
+        "rollout": args.rollout if args.side == "magistune" else "HF generate",
         "lora_dropout_run": r["lora_dropout_run"], "adapter_dtype": r["adapter_dtype"],
-        "attn": text_config._attn_implementation, "checked": r["checked"],
+        "attn": text_config._attn_implementation, "checked": r["checked"], "notes": notes,
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "peft": __import__("peft").__version__, "bitsandbytes": _version("bitsandbytes"), "trl": _version("trl"),
