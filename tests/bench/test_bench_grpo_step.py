@@ -37,7 +37,7 @@ def test_magistune_side_runs_on_the_tiny_model(tmp_path, rollout):
         ("magistune", rollout, 2, 4, 5)
     assert row["checked"].startswith("4 completions of exactly 5 tokens")
     assert row["rollout_tokens_per_s"] == pytest.approx(4 * 5 / row["rollout_s"], abs=0.06)  # both rounded
-    assert row["step_s"] >= row["rollout_s"] + row["train_s"] and row["peak_gib"] is None
+    assert row["step_s"] >= row["rollout_s"] + row["train_s"] - 0.002 and row["peak_gib"] is None  # rounded
 
 
 @pytest.mark.slow
