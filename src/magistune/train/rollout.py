@@ -1,9 +1,10 @@
 """GRPO's rollouts: sampling completions from the policy, parsing them, and the per-token log-probs of the trained
 tokens.
 
-`generate_rollouts(model, prompts_ids, ...)` is the one seam for sampling: today the KV-cache loop of
-model/generation.py (left-padded batch, temperature + top-p, stop on `</s>`), with the adapters active, in eval
-mode (no dropout). A faster GPU path (static cache, CUDA graphs) replaces this one function.
+`generate_rollouts(model, prompts_ids, ...)` is the one seam for sampling (left-padded batch, temperature + top-p,
+stop on `</s>`), with the adapters active, in eval mode (no dropout). On CUDA it runs model/static_generation.py's
+sampler (a static KV cache, the decode step replayed from a CUDA graph) where that supports the model, elsewhere
+the plain KV-cache loop of model/generation.py; both give the same ids for the same generator (tests/model).
 
 Log-probs. The loss needs log π_θ(token) for every completion token under the policy being trained. They are
 computed by a training forward over prompt + completion (right-padded), from the hidden states of the positions
@@ -32,6 +33,7 @@ from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from torch.utils.checkpoint import checkpoint
 
 from magistune.model.generation import SamplingOptions, generate_ids
+from magistune.model.static_generation import generate_ids_static, static_unsupported
 from magistune.tokenizer import SpecialIds
 from magistune.train.loss import CHUNK_TOKENS, cce_unusable, decoder_and_head, fallback_note, note_once
 
@@ -40,16 +42,23 @@ from magistune.train.loss import CHUNK_TOKENS, cce_unusable, decoder_and_head, f
 def generate_rollouts(model: nn.Module, prompts_ids: list[list[int]], eos: int, pad: int, max_new_tokens: int,
                       temperature: float, top_p: float, generator: torch.Generator,
                       autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                      ) -> list[list[int]]:
+                      fast: bool | None = None) -> list[list[int]]:
     """One completion per prompt (repeat a prompt G times for G completions), each ending with `eos` when the
     model stopped, else `max_new_tokens` long. Sampling draws from `generator` only (a resumed run that seeds
-    it the same way samples the same completions)."""
+    it the same way samples the same completions). `fast`: the static-cache sampler (None: on CUDA when it
+    supports the model; True: wherever it does, eagerly off CUDA; False: the plain loop)."""
+    opts = SamplingOptions(temperature, top_p, max_new_tokens)
+    if fast is None:
+        fast = next(model.parameters()).device.type == "cuda"
+    if fast and static_unsupported(model) is not None:
+        fast = False
     was_training = model.training
     model.eval()
     try:
         with autocast():
-            return generate_ids(model, prompts_ids, eos, pad, SamplingOptions(temperature, top_p, max_new_tokens),
-                                generator=generator)
+            if fast:
+                return generate_ids_static(model, prompts_ids, eos, pad, opts, generator=generator)
+            return generate_ids(model, prompts_ids, eos, pad, opts, generator=generator)
     finally:
         model.train(was_training)
 
