@@ -117,4 +117,4 @@ def test_several_gpus_are_refused_clearly(workdir):
 
     proc = subprocess.run([sys.executable, "-m", "magistune", "train", str(_write(workdir, "multi")), "--nproc", "2"],
                           cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "rl: grpo is not implemented yet on several GPUs" in proc.stderr
+    assert proc.returncode == 2 and "rl: grpo: GRPO on several GPUs is not implemented yet" in proc.stderr
