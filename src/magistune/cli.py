@@ -41,27 +41,20 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return preprocess(cfg, dump=args.dump)
 
 
-MULTI_GPU_RL = "preference training on several GPUs is not implemented yet; run it in one process"
-
-
-def _one_process_rl(cfg: Config, processes: int) -> None:
-    if cfg.rl is not None and processes > 1:
-        raise ConfigError(f"rl: {cfg.rl}: {MULTI_GPU_RL} (without --nproc / torchrun)")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """One process: train/sft.py (train/dpo.py with rl:). One of torchrun's processes (FSDP2 / DDP):
-    train/sft_distributed.py."""
+    train/sft_distributed.py (train/dpo_distributed.py with rl:)."""
     if args.nproc is not None:
         return _launch_torchrun(args)
     from magistune.train.launch import distributed_mode, torchrun_env
 
     cfg, env = _load(args.config), torchrun_env()
-    _one_process_rl(cfg, env["world"] if env else 1)
     mode = distributed_mode(cfg, env)
     if cfg.rl is not None:
-        if mode is not None:  # torchrun with fsdp/ddp: the sharded recipe has no preference loop yet
-            raise ConfigError(f"rl: {cfg.rl}: {MULTI_GPU_RL} (drop fsdp/ddp)")
+        if mode is not None:
+            from magistune.train.dpo_distributed import train as train_distributed
+
+            return train_distributed(cfg, env, mode)
         from magistune.train.dpo import train
 
         return train(cfg)
@@ -85,7 +78,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc must be >= 1")
     if torchrun_env() is not None:
         raise ConfigError("--nproc: this process was already started by torchrun; drop --nproc")
-    _one_process_rl(_load(args.config), args.nproc)  # a bad config fails here, before N processes start
+    _load(args.config)  # a bad config fails here, before N processes start
     command = launch_command(args.config, args.nproc)
     print(f"launching: torchrun --standalone --nproc-per-node {args.nproc} -m magistune train {args.config}",
           file=sys.stderr, flush=True)
