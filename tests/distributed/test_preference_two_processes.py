@@ -31,7 +31,11 @@ pytestmark = [pytest.mark.slow,
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "examples" / "data" / "demo_dpo.jsonl"
 WORKER = Path(__file__).resolve().parent / "worker.py"
-TOLERANCE = {"rel": 1e-5, "rel_norm": 1e-4, "abs": 1e-6, "resume": 1e-6}  # test_two_processes.py's CPU bounds
+# test_two_processes.py's CPU bounds for the loss and the gradient norm. Measured: loss and eval loss ≤ 2.2e-6
+# relative, gradient norm ≤ 6.7e-6. A reward is β × a difference of two summed log-probs of 50-100 nats, whose
+# fp32 rounding (the weights after an AdamW step differ in their last bits) moves it by ≤ 1.1e-5 absolute
+# (measured, KTO eval); a counted filler or a per-rank z₀ would move it by a share of the reward itself (≥ 1e-2).
+TOLERANCE = {"rel": 1e-5, "rel_norm": 1e-4, "abs": 1e-6, "reward_abs": 3e-5, "resume": 1e-6}
 REWARDS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
 BASE = {"base_model": "tiny-random", "sequence_len": 256, "val_set_size": 3, "lr_scheduler": "constant",
@@ -120,15 +124,18 @@ def metrics(root: Path, name: str) -> list[dict]:
 
 
 def assert_same_curve(one: list[dict], two: list[dict]) -> None:
-    """Per-step loss, rewards, eval loss and eval rewards within TOLERANCE["rel"] (rewards start at 0: also
-    TOLERANCE["abs"]), gradient norm within TOLERANCE["rel_norm"]: a missing × N, or a per-rank mean of the pairs,
-    would show in the gradient norm; a per-rank z₀ or a counted filler in the losses and rewards."""
+    """Per-step loss and eval loss within TOLERANCE["rel"], rewards within TOLERANCE["reward_abs"], gradient norm
+    within TOLERANCE["rel_norm"]: a missing × N, or a per-rank mean of the pairs, would show in the gradient norm;
+    a per-rank z₀ or a counted filler in the losses and rewards."""
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
         assert sorted(a) == sorted(b), (a, b)
-        for key in ("loss", *REWARDS, "eval_loss", *(f"eval_{k}" for k in REWARDS)):
+        for key in ("loss", "eval_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=TOLERANCE["rel"], abs=TOLERANCE["abs"]), (a["step"], key)
+        for key in (*REWARDS, *(f"eval_{k}" for k in REWARDS)):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=TOLERANCE["reward_abs"]), (a["step"], key)
         if "grad_norm" in a:
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=TOLERANCE["rel_norm"]), a["step"]
             assert b["lr"] == a["lr"] and b["pairs"] == a["pairs"]
@@ -163,8 +170,9 @@ def test_final_adapters_match_one_process(runs):
         one = load_file(root / f"out_{single(name)}" / "adapter_model.safetensors")
         two = load_file(root / f"out_{name}" / "adapter_model.safetensors")
         assert set(one) == set(two) and one
-        for key in one:
-            assert torch.allclose(one[key], two[key], atol=1e-3), (name, key)
+        for key in one:  # AdamW (lr 1e-2) turns fp32 noise in a near-zero gradient into an update of up to lr:
+            diff = (one[key] - two[key]).abs()  # measured: ≤ 1 element of a tensor beyond 1e-3, all ≤ 1.7e-3
+            assert diff.max() <= 1e-2 and (diff > 1e-3).float().mean() <= 0.01, (name, key, float(diff.max()))
 
 
 def test_resume_from_a_sharded_checkpoint_is_exact(runs):
