@@ -1,5 +1,5 @@
 """Preference training (train/dpo_distributed.py) on two processes against one: FSDP2 and DDP, LoRA and full
-fine-tunes, DPO and KTO, train the same model as one process with the same global batch.
+fine-tunes (and QLoRA), DPO and KTO, train the same model as one process with the same global batch.
 
 As test_two_processes.py: one torchrun launch (worker.py) runs every 2-process scenario on the CPU (gloo, fp32),
 while this process trains the one-process references (train/dpo.py); then each test compares. 11 records of
@@ -43,12 +43,14 @@ BASE = {"base_model": "tiny-random", "sequence_len": 256, "val_set_size": 3, "lr
 LORA = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2,
         "max_steps": 3, "save_steps": 2, "gradient_checkpointing": True}
 FULL = {"learning_rate": 1e-3, "max_steps": 2, "save_steps": 2}  # precompute_ref_log_probs: true by default
+QLORA = {**LORA, "adapter": "qlora", "load_in_4bit": True, "max_steps": 2, "gradient_checkpointing": False}
 
 # name: (rl, keys, one-process accumulation, two-process accumulation, parallel keys)
 RUNS = {
     "fsdp_lora_dpo": ("dpo", LORA, 4, 2, {"fsdp": True}),  # 2 micro-batches per rank, gradients reduced after both
     "ddp_lora_dpo": ("dpo", LORA, 4, 2, {"ddp": True}),
     "ddp_lora_kto": ("kto", LORA, 4, 2, {"ddp": True}),  # the reference and z₀ with adapters off, through DDP's root
+    "fsdp_qlora_dpo": ("dpo", QLORA, 2, 1, {"fsdp": True}),  # adapters off over sharded 4-bit layers
     "fsdp_full_dpo": ("dpo", FULL, 2, 1, {"fsdp": True}),  # the reference table computed through FSDP's root
     "fsdp_full_kto": ("kto", FULL, 2, 1, {"fsdp": True}),
 }
