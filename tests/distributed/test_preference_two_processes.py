@@ -36,6 +36,7 @@ WORKER = Path(__file__).resolve().parent / "worker.py"
 # fp32 rounding (the weights after an AdamW step differ in their last bits) moves it by ≤ 1.1e-5 absolute
 # (measured, KTO eval); a counted filler or a per-rank z₀ would move it by a share of the reward itself (≥ 1e-2).
 TOLERANCE = {"rel": 1e-5, "rel_norm": 1e-4, "abs": 1e-6, "reward_abs": 3e-5, "resume": 1e-6}
+QLORA_REL = 1e-4  # QLoRA: eval loss after 2 AdamW steps measured 2.1e-5 relative (the update's fp32 noise)
 REWARDS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
 BASE = {"base_model": "tiny-random", "sequence_len": 256, "val_set_size": 3, "lr_scheduler": "constant",
@@ -50,7 +51,7 @@ RUNS = {
     "fsdp_lora_dpo": ("dpo", LORA, 4, 2, {"fsdp": True}),  # 2 micro-batches per rank, gradients reduced after both
     "ddp_lora_dpo": ("dpo", LORA, 4, 2, {"ddp": True}),
     "ddp_lora_kto": ("kto", LORA, 4, 2, {"ddp": True}),  # the reference and z₀ with adapters off, through DDP's root
-    "fsdp_qlora_dpo": ("dpo", QLORA, 2, 1, {"fsdp": True}),  # adapters off over sharded 4-bit layers
+    "ddp_qlora_dpo": ("dpo", QLORA, 2, 1, {"ddp": True}),  # adapters off over 4-bit layers
     "fsdp_full_dpo": ("dpo", FULL, 2, 1, {"fsdp": True}),  # the reference table computed through FSDP's root
     "fsdp_full_kto": ("kto", FULL, 2, 1, {"fsdp": True}),
 }
@@ -125,8 +126,8 @@ def metrics(root: Path, name: str) -> list[dict]:
     return read_metrics(root / f"out_{name}" / "metrics.jsonl")
 
 
-def assert_same_curve(one: list[dict], two: list[dict]) -> None:
-    """Per-step loss and eval loss within TOLERANCE["rel"], rewards within TOLERANCE["reward_abs"], gradient norm
+def assert_same_curve(one: list[dict], two: list[dict], rel: float = TOLERANCE["rel"]) -> None:
+    """Per-step loss and eval loss within `rel`, rewards within TOLERANCE["reward_abs"], gradient norm
     within TOLERANCE["rel_norm"]: a missing × N, or a per-rank mean of the pairs, would show in the gradient norm;
     a per-rank z₀ or a counted filler in the losses and rewards."""
     assert [r["step"] for r in one] == [r["step"] for r in two]
@@ -134,7 +135,7 @@ def assert_same_curve(one: list[dict], two: list[dict]) -> None:
         assert sorted(a) == sorted(b), (a, b)
         for key in ("loss", "eval_loss"):
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=TOLERANCE["rel"], abs=TOLERANCE["abs"]), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=TOLERANCE["abs"]), (a["step"], key)
         for key in (*REWARDS, *(f"eval_{k}" for k in REWARDS)):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=TOLERANCE["reward_abs"]), (a["step"], key)
@@ -155,7 +156,7 @@ def test_two_processes_match_one(runs, name):
     steps = RUNS[name][1]["max_steps"]
     assert len([r for r in one if "loss" in r]) == steps and len([r for r in one if "eval_loss" in r]) == steps
     assert one[-1]["eval_reward_accuracy"] is not None
-    assert_same_curve(one, two)
+    assert_same_curve(one, two, QLORA_REL if RUNS[name][1] is QLORA else TOLERANCE["rel"])
 
 
 def test_full_fine_tunes_compute_the_reference_table_once(runs):
