@@ -1,28 +1,22 @@
 """`magistune train` with `rl:` under torchrun: preference tuning (DPO, IPO, ORPO, SimPO, KTO) on N processes,
-one per GPU, FSDP2 or DDP.
-
-    magistune train config.yaml --nproc 2      (= torchrun --standalone --nproc-per-node 2 -m magistune train config.yaml)
+one per GPU, FSDP2 or DDP (`magistune train config.yaml --nproc 2`).
 
 dpo.py's recipe, step for step, with what sft_distributed.py adds for N processes (rank 0 prepares the data first,
 the ranks agree on config and data, the model sharded or replicated, each rank's share of every epoch, sharded
 checkpoints, the final output gathered on rank 0). What is particular to pairs:
 
 - Every forward goes through the FSDP / DDP root (sharding.LossModule around `preference_forward`), so that the
-  engines' hooks run: FSDP2 gathers the root's weights (embeddings, norm, lm_head) in its pre-forward hook. The
-  reference of an adapter run is the same root call with the adapters switched off inside it, under no_grad,
-  before the policy's forward (PEFT's disable_adapter() flips a flag on the LoRA layers: FSDP2's sharded
-  parameters are untouched).
-- The loss. One step's loss is Σ per-pair losses / P, P = the pairs of the step on ALL ranks (all-reduced before
-  any backward). Each rank backpropagates Σ its losses × N / P; FSDP2 and DDP average the gradients over the N
-  ranks (÷ N): Σ_r ∇ Σ losses_r / P, the one-process gradient of the same global batch (tests/distributed).
-  The rewards and losses of the metrics rows are summed over the ranks (PreferenceTotals).
-- KTO's z₀ is the step's, over every rank's examples: each rank sums policy − reference over its examples'
-  mismatched rows, the sums and counts are all-reduced, z₀ = max(0, Σ / n), as one process computes it.
+  engines' hooks run (FSDP2 gathers embeddings, norm and lm_head in the root's pre-forward hook). An adapter run's
+  reference is the same root call with the adapters off inside it, under no_grad, before the policy's forward
+  (PEFT's disable_adapter() flips a flag on the LoRA layers; FSDP2's shards are untouched).
+- The loss: Σ per-pair losses / P, P = the pairs of the step on ALL ranks (all-reduced before any backward). Each
+  rank backpropagates Σ its losses × N / P and FSDP2 / DDP average the gradients over the N ranks (÷ N):
+  Σ_r ∇ Σ losses_r / P, the one-process gradient of the same global batch. Metrics: sums over the ranks.
+- KTO's z₀ is the step's over every rank's examples: Σ (policy − reference) over the mismatched rows and their
+  count all-reduced, z₀ = max(0, Σ / n), as one process computes it.
 - The precomputed reference table (full fine-tune of DPO/IPO/KTO): every rank runs the same forwards over the
-  whole data through the root (FSDP2 needs all ranks in every forward), rank 0 writes the file; a later run
-  whose ranks all find it reads it.
-- Eval: micro-batch i of the eval split goes to rank i % N; a rank left one short runs the last batch again and
-  drops its result, so that every rank runs the same forwards. Sums over the ranks, as in training.
+  whole data through the root (FSDP2 needs all ranks in every forward); rank 0 writes the file.
+- Eval: micro-batch i goes to rank i % N; a rank left one short repeats the last batch and drops its result.
 """
 
 from __future__ import annotations
