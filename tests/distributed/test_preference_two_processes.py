@@ -51,7 +51,11 @@ RUNS = {
     "fsdp_lora_dpo": ("dpo", LORA, 4, 2, {"fsdp": True}),  # 2 micro-batches per rank, gradients reduced after both
     "ddp_lora_dpo": ("dpo", LORA, 4, 2, {"ddp": True}),
     "ddp_lora_kto": ("kto", LORA, 4, 2, {"ddp": True}),  # the reference and z₀ with adapters off, through DDP's root
-    "ddp_qlora_dpo": ("dpo", QLORA, 2, 1, {"ddp": True}),  # adapters off over 4-bit layers
+    # adapters off over 4-bit layers. Not FSDP2 on the CPU: bitsandbytes' CPU inference path (eval mode, no grad)
+    # repacks a Linear4bit weight in place and flags its quant_state, and FSDP2's next all-gather brings back the
+    # unpacked shards under that flag, so the eval after step 1 is wrong (SFT's too) unless
+    # fsdp_reshard_after_forward: false. The CPU path does not exist on GPUs.
+    "ddp_qlora_dpo": ("dpo", QLORA, 2, 1, {"ddp": True}),
     "fsdp_full_dpo": ("dpo", FULL, 2, 1, {"fsdp": True}),  # the reference table computed through FSDP's root
     "fsdp_full_kto": ("kto", FULL, 2, 1, {"fsdp": True}),
 }
