@@ -231,17 +231,18 @@ def test_validate_and_dump_preference_data(tmp_path, write_jsonl, write_config, 
         assert row["label"] is False
 
 
-@pytest.mark.parametrize("how", ["nproc", "torchrun"])
-def test_train_with_rl_on_several_processes_is_refused(tmp_path, write_jsonl, write_config, capsys, monkeypatch, how):
+@pytest.mark.parametrize("keys", [{"ddp": True}, {}, {"fsdp": True}])
+def test_train_with_rl_under_torchrun_runs_the_distributed_preference_recipe(tmp_path, write_jsonl, write_config,
+                                                                             monkeypatch, keys):
+    """torchrun with 2 processes and rl: → train/dpo_distributed.py (its 2-process runs: tests/distributed)."""
     write_jsonl(tmp_path / "data.jsonl", [PAIR])
-    if how == "torchrun":
-        monkeypatch.setenv("RANK", "0")
-        monkeypatch.setenv("WORLD_SIZE", "2")
-    extra = ["--nproc", "2"] if how == "nproc" else []
-    assert main(["train", str(write_config(rl="dpo")), *extra]) == 2
-    err = capsys.readouterr().err
-    assert "rl: dpo: preference training on several GPUs is not implemented yet; run it in one process" in err
-    assert not (tmp_path / "out").exists()  # nothing was started
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    called = {}
+    monkeypatch.setattr("magistune.train.dpo_distributed.train",
+                        lambda cfg, env, mode: called.update(rl=cfg.rl, mode=mode, world=env["world"]) or 0)
+    assert main(["train", str(write_config(rl="dpo", **keys))]) == 0
+    assert called == {"rl": "dpo", "mode": "fsdp" if keys.get("fsdp") else "ddp", "world": 2}
 
 
 def test_evaluate_with_rl_says_not_implemented(tmp_path, write_jsonl, write_config, capsys):

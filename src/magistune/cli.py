@@ -56,33 +56,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                        args.html_samples, args.color)
 
 
-def multi_gpu_rl(rl: str) -> str:
-    what = "GRPO" if rl == "grpo" else "preference training"
-    return f"rl: {rl}: {what} on several GPUs is not implemented yet; run it in one process"
-
-
-def _one_process_rl(cfg: Config, processes: int) -> None:
-    if cfg.rl is not None and processes > 1:
-        raise ConfigError(f"{multi_gpu_rl(cfg.rl)} (without --nproc / torchrun)")
+GRPO_ONE_PROCESS = "rl: grpo: GRPO on several GPUs is not implemented yet; run it in one process"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """One process: train/sft.py (train/dpo.py with a preference rl:, train/grpo.py with rl: grpo). One of torchrun's processes (FSDP2 / DDP):
-    train/sft_distributed.py."""
+    """One process: train/sft.py (train/dpo.py with a preference rl:, train/grpo.py with rl: grpo). One of
+    torchrun's processes (FSDP2 / DDP): train/sft_distributed.py (train/dpo_distributed.py with a preference rl:)."""
     if args.nproc is not None:
         return _launch_torchrun(args)
     from magistune.train.launch import distributed_mode, torchrun_env
 
     cfg, env = _load(args.config), torchrun_env()
-    _one_process_rl(cfg, env["world"] if env else 1)
     mode = distributed_mode(cfg, env)
     if cfg.rl is not None:
-        if mode is not None:  # torchrun with fsdp/ddp: the sharded recipe has no preference loop yet
-            raise ConfigError(f"{multi_gpu_rl(cfg.rl)} (drop fsdp/ddp)")
         if cfg.rl == "grpo":
-            from magistune.train.grpo import train
-        else:
-            from magistune.train.dpo import train
+            if mode is not None:
+                raise ConfigError(f"{GRPO_ONE_PROCESS} (without --nproc / torchrun, fsdp or ddp)")
+            from magistune.train.grpo import train as train_grpo
+
+            return train_grpo(cfg)
+        if mode is not None:
+            from magistune.train.dpo_distributed import train as train_distributed
+
+            return train_distributed(cfg, env, mode)
+        from magistune.train.dpo import train
 
         return train(cfg)
     if mode is None:
@@ -92,7 +89,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from magistune.train.sft_distributed import train
 
     return train(cfg, env, mode)
-
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -106,7 +102,9 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         raise ConfigError("--nproc must be >= 1")
     if torchrun_env() is not None:
         raise ConfigError("--nproc: this process was already started by torchrun; drop --nproc")
-    _one_process_rl(_load(args.config), args.nproc)  # a bad config fails here, before N processes start
+    cfg = _load(args.config)  # a bad config fails here, before N processes start
+    if cfg.rl == "grpo" and args.nproc > 1:
+        raise ConfigError(f"{GRPO_ONE_PROCESS} (without --nproc)")
     command = launch_command(args.config, args.nproc)
     print(f"launching: torchrun --standalone --nproc-per-node {args.nproc} -m magistune train {args.config}",
           file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,6 +181,29 @@ def test_eval_share_is_disjoint_complete_and_equal_in_count(n, world):
     real = [b for s in shares for b in s if b.n_trained]
     assert sorted(int(b.input_ids[0, 0]) for b in real) == list(range(1, n + 1))
     assert sum(b.n_trained for s in shares for b in s) == sum(b.n_trained for b in _batches(n))
+
+
+@pytest.mark.parametrize("n,mbs,world", [(5, 2, 2), (4, 1, 2), (3, 1, 2), (1, 2, 2), (7, 2, 3), (0, 1, 2)])
+def test_preference_eval_groups_are_disjoint_complete_and_equal_in_count(n, mbs, world):
+    """dpo_distributed.eval_groups: every index counted once over the ranks, the same number of forwards on each."""
+    from magistune.train.dpo_distributed import eval_groups
+
+    shares = [eval_groups(n, mbs, SimpleNamespace(rank=r, world=world)) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1
+    counted = sorted(i for s in shares for idx, counted in s if counted for i in idx)
+    assert counted == list(range(n))
+    assert all(len(idx) <= mbs and idx for s in shares for idx, _ in s)
+
+
+def test_sample_digest_sees_both_answers_of_a_pair_and_kto_labels():
+    from magistune.data.sample import KTOSample, PreferenceSample
+
+    def pair(rejected):
+        return PreferenceSample([1, 2, 3], [-100, 2, 3], [1, 2, *rejected], [-100, 2, *rejected], "f:1")
+
+    assert sample_digest([pair([4])]) == sample_digest([pair([4])]) != sample_digest([pair([5])])
+    good, bad = KTOSample([1, 2], [-100, 2], "f:1", label=True), KTOSample([1, 2], [-100, 2], "f:1", label=False)
+    assert sample_digest([good]) != sample_digest([bad])
 
 
 def test_filler_trains_nothing_and_keeps_the_shape():

@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/worker.py PLAN.json
 
 PLAN.json: {"runs": [{"name": …, "config": path, "overrides": {"<rank>": {key: value}}, "before": [actions]}],
-            "results": path}. Every run calls magistune's sft_distributed.train in this process, as `-m magistune train` would;
+            "results": path}. Every run calls magistune's sft_distributed.train (dpo_distributed.train with rl:) in this process, as `-m magistune train` would;
 the process group is created once here (gloo, or NCCL where there are GPUs), so that the plan pays the start-up (imports, tokenizer) once.
 Actions run on rank 0 before a run, between barriers: {"copy": [src, dst]}, {"rmtree": path}, {"unlink": path}.
 Results: {name: return code} per rank, in PLAN["results"] + ".rank<r>.json".
@@ -31,7 +31,7 @@ def main() -> int:
     from magistune import tokenizer as tk
     from magistune.config import load_config
     from magistune.train.launch import distributed_mode, torchrun_env
-    from magistune.train.sft_distributed import train
+    from magistune.train import dpo_distributed, sft_distributed
 
     real, memo = tk.load_tokenizer, {}
 
@@ -75,6 +75,7 @@ def main() -> int:
             cfg = cfg.model_copy(update=overrides)
         print(f"[worker rank {rank}] run {run['name']} at {time.perf_counter() - T0:.1f}s", file=sys.stderr, flush=True)
         env = torchrun_env()
+        train = dpo_distributed.train if cfg.rl is not None else sft_distributed.train  # as cli.cmd_train picks
         results[run["name"]] = train(cfg, env, distributed_mode(cfg, env))
         barrier()
     Path(plan["results"] + f".rank{rank}.json").write_text(json.dumps(results))

@@ -4,7 +4,8 @@ Recipes (each reads top to bottom: setup, then the loop, then the outputs):
     sft.py               supervised fine-tuning in one process (one GPU, or the CPU); imports no distributed module
     sft_distributed.py   the same under torchrun, one process per GPU: FSDP2 or DDP (the loop repeated on purpose)
     dpo.py               preference tuning (rl: dpo, ipo, orpo, simpo, kto) in one process, sft.py's structure
-    (dpo_distributed.py, grpo.py: multi-GPU preference training and RL, to come, from the same parts)
+    dpo_distributed.py   the same under torchrun, FSDP2 or DDP (the loop repeated, as sft_distributed.py)
+    (grpo.py: RL, to come, from the same parts)
 launch.py picks the recipe from torchrun's environment (`magistune train`), and builds `--nproc N`'s command.
 
 Components:
@@ -21,7 +22,7 @@ Components:
     preference_step.py         the pair forward: one row per pair (prompt once, rejected blind to chosen), the
                                reference with adapters off, KTO rows and KL, the loss the config names
     preference_ref.py          reference log-probs precomputed before step 1, cached beside the data cache
-Multi-GPU components (used by sft_distributed.py only):
+Multi-GPU components (used by sft_distributed.py and dpo_distributed.py only):
     distributed.py             the process group (Ranks) and the collectives of a step: token normaliser, totals,
                                global gradient norm, eval sharing
     sharding.py                the model sharded (FSDP2) or replicated (DDP) around a loss root

@@ -1,7 +1,8 @@
 """Which recipe `magistune train` runs, and how `--nproc N` starts torchrun.
 
-    no torchrun (or torchrun with 1 process and neither fsdp nor ddp)  →  sft.py, one process
-    torchrun                                                            →  sft_distributed.py (FSDP2 or DDP)
+    no torchrun (or torchrun with 1 process and neither fsdp nor ddp)  →  sft.py, one process (dpo.py with rl:)
+    torchrun                                                            →  sft_distributed.py (FSDP2 or DDP;
+                                                                           dpo_distributed.py with rl:)
 
 Nothing here starts a process group; it reads the environment that torchrun sets.
 """

@@ -1,6 +1,6 @@
 """Ranks that must agree: every rank reads the config file and the data itself, and ranks that read different
 ones would not train one model. Before the model is built, distributed.agree all-gathers each rank's resolved
-config and, per split, its number of samples and a sha256 over them (sources, token ids, labels, image counts);
+config and, per split, its number of samples and a sha256 over them (sources, token ids, labels, image counts; both answers of a pair, KTO's labels);
 any difference is an error naming it: up to 8 differing config keys per rank, then the data splits that differ.
 """
 
@@ -16,10 +16,17 @@ def sample_digest(samples) -> str:
     h = hashlib.sha256()
     for s in samples:
         h.update(s.source.encode("utf-8", "surrogatepass") + b"\0")
-        h.update(np.asarray(s.input_ids, dtype=np.int64).tobytes())
-        h.update(np.asarray(s.labels, dtype=np.int64).tobytes())
-        h.update(len(s.images).to_bytes(4, "little"))
+        for ids in _token_lists(s):
+            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+        h.update(len(s.images).to_bytes(4, "little") + str(getattr(s, "label", "")).encode())  # KTO's label
     return h.hexdigest()
+
+
+def _token_lists(s) -> list[list[int]]:
+    """A sample's token id and label lists: a preference pair has two of each."""
+    if hasattr(s, "chosen_input_ids"):
+        return [s.chosen_input_ids, s.chosen_labels, s.rejected_input_ids, s.rejected_labels]
+    return [s.input_ids, s.labels]
 
 
 def _flatten(d, prefix: str = "") -> dict:

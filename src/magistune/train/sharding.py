@@ -44,7 +44,8 @@ from magistune.train.preflight import seed_everything
 
 
 class LossModule(nn.Module):
-    """The FSDP2 / DDP root: forward(batch) = loss_fn(model, batch).
+    """The FSDP2 / DDP root: forward(batch, ...) = loss_fn(model, batch, ...) (the preference recipe passes what
+    its forward should compute: dpo_distributed.preference_forward).
 
     Both engines do their work in module hooks: FSDP2 gathers the root's own parameters (embed_tokens, the final
     norm, lm_head, a frozen vision tower) in its pre-forward hook and DDP prepares its gradient buckets in forward.
@@ -55,8 +56,8 @@ class LossModule(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch):
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch, **kwargs):
+        return self.loss_fn(self.model, batch, **kwargs)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,439 @@
+"""`magistune train` with `rl:` under torchrun: preference tuning (DPO, IPO, ORPO, SimPO, KTO) on N processes,
+one per GPU, FSDP2 or DDP (`magistune train config.yaml --nproc 2`).
+
+dpo.py's recipe, step for step, with what sft_distributed.py adds for N processes (rank 0 prepares the data first,
+the ranks agree on config and data, the model sharded or replicated, each rank's share of every epoch, sharded
+checkpoints, the final output gathered on rank 0). What is particular to pairs:
+
+- Every forward goes through the FSDP / DDP root (sharding.LossModule around `preference_forward`), so that the
+  engines' hooks run (FSDP2 gathers embeddings, norm and lm_head in the root's pre-forward hook). An adapter run's
+  reference is the same root call with the adapters off inside it, under no_grad, before the policy's forward
+  (PEFT's disable_adapter() flips a flag on the LoRA layers; FSDP2's shards are untouched).
+- The loss: Σ per-pair losses / P, P = the pairs of the step on ALL ranks (all-reduced before any backward). Each
+  rank backpropagates Σ its losses × N / P and FSDP2 / DDP average the gradients over the N ranks (÷ N):
+  Σ_r ∇ Σ losses_r / P, the one-process gradient of the same global batch. Metrics: sums over the ranks.
+- KTO's z₀ is the step's over every rank's examples: Σ (policy − reference) over the mismatched rows and their
+  count all-reduced, z₀ = max(0, Σ / n), as one process computes it.
+- The precomputed reference table (full fine-tune of DPO/IPO/KTO): every rank runs the same forwards over the
+  whole data through the root (FSDP2 needs all ranks in every forward); rank 0 writes the file.
+- Eval: micro-batch i goes to rank i % N; a rank left one short repeats the last batch and drops its result.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+
+from magistune.config import Config
+from magistune.data.build import prepare_data, resolve_tokenizer_file
+from magistune.data.cache import cache_key
+from magistune.model import format_model_info, resolve_dtype
+from magistune.tokenizer import SpecialIds, load_tokenizer
+from magistune.train import checkpoint as ckpt
+from magistune.train.batches import DataPosition, every, items_per_rank, steps_per_epoch, total_steps
+from magistune.train.dist_checkpoint import check_resumable, load_sharded, save_consolidated, save_sharded
+from magistune.train.distributed import (DistributedError, Ranks, agree, clip_grad_norm_, join, mode_notes,
+                                         run_main_first)
+from magistune.train.dpo import PAIR_REFERENCE, SETUP_ERRORS, PreferenceStream
+from magistune.train.metrics import MetricsLogger, Printer, QuietLogger, peak_memory_gb, plot_losses
+from magistune.train.optim import build_optimizer, build_scheduler, warmup_steps
+from magistune.train.preference_ref import load_table, model_key, save_table, table_path
+from magistune.train.preference_step import (PairLogps, PreferenceTotals, collate_kto, collate_pairs, disabled_adapters,
+                                             example_loss, kto_kl_rows, pair_logps, pair_loss, sample_logps,
+                                             shared_row_unsupported)
+from magistune.train.preflight import (autocast_for, oom_advice, preflight, resolved_config, seed_everything,
+                                       write_resolved_config)
+from magistune.train.sharding import build_parallel_model, grad_sync
+from magistune.train.stopping import Interrupted, StopFlag, TrainingStopped, oom_summary
+from magistune.train.watchdog import LossWatchdog
+
+
+def train(cfg: Config, env: dict, mode: str) -> int:
+    """One rank's run: `env` is launch.torchrun_env(), `mode` "fsdp" or "ddp" (launch.distributed_mode)."""
+    say = Printer(env["rank"])
+    try:
+        ranks = join(cfg, env)
+    except DistributedError as e:
+        say(f"error: {e}")
+        return 2
+    try:
+        recipe = DPODistributed(cfg, ranks, mode, say)
+        try:
+            recipe.setup()
+        except SETUP_ERRORS as e:
+            say(f"error: {e}")
+            return 2
+        except torch.OutOfMemoryError as e:
+            say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n"
+                f"{oom_advice(cfg, None)}")
+            return 1
+        return recipe.train()
+    finally:
+        ranks.close()
+
+
+def preference_forward(model, batch, kto: bool, cce: bool, policy: bool = True, reference: bool = False):
+    """The root's forward: (policy, reference) summed log-probs of a micro-batch, None where not asked. Pairs:
+    PairLogps; KTO rows: a (B,) tensor. The reference is the model with its adapters off, under no_grad, computed
+    first: the forward whose graph the backward follows is the engine's last."""
+    logps = sample_logps if kto else pair_logps
+    ref = out = None
+    if reference:
+        with torch.no_grad(), disabled_adapters(model):
+            ref = logps(model, batch, cce)
+        ref = ref[0] if kto else ref.detach()
+    if policy:
+        out = logps(model, batch, cce)
+        out = out[0] if kto else out
+    return out, ref
+
+
+def eval_groups(n: int, micro_batch_size: int, ranks: Ranks) -> list[tuple[list[int], bool]]:
+    """This rank's eval micro-batches as (indices, counted): batch i goes to rank i % N; a rank left one short
+    repeats the last batch, uncounted, so that every rank runs the same number of forwards."""
+    groups = [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
+    mine = [(g, True) for g in groups[ranks.rank::ranks.world]]
+    if groups and len(mine) < -(-len(groups) // ranks.world):
+        mine.append((groups[-1], False))
+    return mine
+
+
+class DPODistributed:
+    """Preference tuning as one of torchrun's N processes: setup() then train(), which returns the exit code."""
+
+    def __init__(self, cfg: Config, ranks: Ranks, mode: str, say: Printer):
+        self.cfg, self.ranks, self.mode, self.say = cfg, ranks, mode, say
+        self.watchdog = LossWatchdog.from_config(cfg)  # loss_watchdog_threshold: stop on a loss that stays high
+        self.kto = cfg.rl == "kto"
+        self.unit = "examples" if self.kto else "pairs"
+        self.needs_ref = self.kto or cfg.rl in PAIR_REFERENCE
+
+    # --- setup: everything before the first step; an error here means nothing was trained ---------------------
+    def setup(self) -> None:
+        self.setup_data()
+        self.setup_model()
+        self.setup_optimizer()
+        self.load_checkpoint()
+        self.setup_reference()
+
+    def setup_data(self) -> None:
+        cfg, say, ranks = self.cfg, self.say, self.ranks
+        self.pre = preflight(cfg)
+        for note in mode_notes(cfg, self.mode, ranks.world) + self.pre.notes:
+            say(f"note: {note}")
+        seed_everything(cfg.seed)
+        self.data = data = run_main_first(ranks, lambda: prepare_data(cfg, progress=sys.stderr.isatty() and ranks.is_main))
+        self.tokenizer = load_tokenizer(data.tokenizer_file)
+        agree(ranks, resolved_config(cfg, self.pre.model_dir), data)  # every rank has the same config and samples
+        self.pad_id = SpecialIds.of(self.tokenizer).pad
+        self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
+        self.out = cfg.out_dir.resolve()
+        if ranks.is_main:
+            write_resolved_config(cfg, self.pre.model_dir)
+        say(f"data: {len(data.train)} train + {len(data.eval)} eval {self.unit} (rl: {cfg.rl}), "
+            f"{sum(len(s) for s in data.train)} tokens ({sum(s.n_trained for s in data.train)} trained)")
+        if self.kto:
+            self.kl_rows = {"train": kto_kl_rows(data.train), "eval": kto_kl_rows(data.eval) if data.eval else []}
+
+    def setup_model(self) -> None:
+        cfg, device = self.cfg, self.device
+        if cfg.tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.pre.resume is not None:
+            check_resumable(self.pre.resume, self.ranks.world, self.mode)
+        self.autocast, self.cce = autocast_for(device, self.dtype), cfg.use_cce
+        self.model, self.root, info = build_parallel_model(self.ranks, self.mode, cfg, self.tokenizer,
+                                                           preference_forward)
+        self.logps = lambda batch, **kw: self.root(batch, kto=self.kto, cce=self.cce, **kw)  # noqa: E731
+        self.model.train()
+        why = None if self.kto else shared_row_unsupported(self.model)
+        if why:
+            raise DistributedError(why)
+        self.say(f"model: {format_model_info(info)}; {device.type}, {str(self.dtype).removeprefix('torch.')}; "
+                 f"{self.mode} over {self.ranks.world} processes")
+        for note in info.notes:
+            self.say(f"note: {note}")
+
+    def setup_optimizer(self) -> None:
+        cfg, say, world = self.cfg, self.say, self.ranks.world
+        mbs, accum = cfg.micro_batch_size, cfg.gradient_accumulation_steps
+        n_share = items_per_rank(len(self.data.train), world)  # each rank's equal share of an epoch
+        self.spe = spe = steps_per_epoch(n_share, mbs, accum)
+        self.total = total = total_steps(n_share, mbs, accum, cfg.num_epochs, cfg.max_steps)
+        warmup = warmup_steps(cfg, total)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, warmup, total)
+        say(f"schedule: {total} steps ({total / spe:.2f} epochs of {spe}) × {accum} micro-batches × {mbs} "
+            f"{self.unit}; {cfg.lr_scheduler} lr {cfg.learning_rate:g}, warmup {warmup}; rl: {cfg.rl}, "
+            f"beta {cfg.rl_beta:g}")
+        say(f"{self.mode}: {world} processes, each with the above: {world * mbs * accum} {self.unit} per step in all")
+        n_eval = len(self.data.eval)
+        self.eval_every = every(cfg.evals_per_epoch, cfg.eval_steps, spe) if n_eval else None
+        self.save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
+        if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
+            say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
+        self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder
+
+    def load_checkpoint(self) -> None:
+        state = {"step": 0, "position": DataPosition().to_dict(), "losses": [], "window": PreferenceTotals().to_dict()}
+        resume, n_train = self.pre.resume, len(self.data.train)
+        if resume is not None:
+            state = load_sharded(self.ranks, self.mode, resume, self.model, self.optimizer, self.scheduler)
+            if state.get("n_train_samples") != n_train or state.get("rl") != self.cfg.rl:
+                raise ckpt.CheckpointError(
+                    f"{resume} was trained with rl: {state.get('rl')} on {state.get('n_train_samples')} {self.unit}, "
+                    f"the run now has rl: {self.cfg.rl} and {n_train}: the data position cannot be restored. Start a "
+                    "new output_dir")
+            self.say(f"resumed at step {state['step']} of {self.total}")
+        self.step, self.position, self.losses = state["step"], DataPosition.from_dict(state["position"]), state["losses"]
+        self.window = PreferenceTotals(**state["window"])
+        self.rng = ckpt.capture_rng()
+
+    def setup_reference(self) -> None:
+        """The precomputed reference table (preference_ref.py's file), read by every rank or computed by all."""
+        cfg, data, ranks = self.cfg, self.data, self.ranks
+        self.table = None
+        if not cfg.precompute_ref_log_probs:
+            return
+        data_key = cache_key(cfg, resolve_tokenizer_file(cfg))
+        mkey = model_key(self.pre.model_dir, cfg, self.dtype)
+        path, counts = table_path(cfg.prepared_dir, data_key, mkey), {"train": len(data.train), "eval": len(data.eval)}
+        table = load_table(path, counts)
+        if not ranks.any(table is None):
+            self.say(f"reference log-probs: reused {path}")
+            self.table = table
+            return
+        if self.pre.resume is not None and cfg.adapter is None:
+            raise ckpt.CheckpointError(f"{path}: the precomputed reference log-probs are gone, and a resumed full "
+                                       "fine-tune can no longer compute them; start again from step 0 in a new output_dir")
+        self.say(f"reference log-probs: one pass over {sum(counts.values())} {self.unit} on every rank before step 1 …")
+        table = {}
+        for name, samples in (("train", data.train), ("eval", data.eval)):
+            if samples:
+                table.update({f"{name}.{k}": v for k, v in self.reference_split(samples).items()})
+        if ranks.is_main:
+            save_table(path, table, counts, {"data_key": data_key, "model_key": mkey})
+            self.say(f"reference log-probs: saved {path}")
+        ranks.barrier()
+        self.table = table
+
+    @torch.no_grad()
+    def reference_split(self, samples: list) -> dict[str, torch.Tensor]:
+        """preference_ref.compute_split through the root: the same micro-batches on every rank, fp32 on the CPU."""
+        mbs, adapter = self.cfg.micro_batch_size, self.cfg.adapter is not None
+        parts = (("logps", samples), ("kl", kto_kl_rows(samples))) if self.kto else (("pairs", samples),)
+        out: dict[str, list[torch.Tensor]] = {}
+        self.model.eval()
+        try:
+            for name, rows in parts:
+                for i in range(0, len(rows), mbs):
+                    batch = (collate_kto if self.kto else collate_pairs)(rows[i:i + mbs], self.pad_id, self.image_encoder)
+                    with self.autocast():
+                        policy, ref = self.logps(batch.to(self.device), policy=not adapter, reference=adapter)
+                    lp = ref if adapter else policy
+                    if self.kto:
+                        out.setdefault(name, []).append(lp.float().cpu())
+                    else:
+                        out.setdefault("chosen", []).append(lp.chosen.float().cpu())
+                        out.setdefault("rejected", []).append(lp.rejected.float().cpu())
+        finally:
+            self.model.train()
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    # --- the forward of a micro-batch -------------------------------------------------------------------------------
+    def micro_loss(self, split: str, idx: list[int], batch, kl: torch.Tensor | None):
+        """The per-pair (KTO: per-example) losses of one micro-batch, with the reference where the loss has one."""
+        rows = torch.tensor(idx, dtype=torch.long)
+        policy, ref = self.logps(batch, reference=self.needs_ref and self.table is None)
+        device = policy.device if self.kto else policy.chosen.device
+        if self.kto:
+            if self.table is not None:
+                ref = self.table[f"{split}.logps"][rows].to(device)
+            samples = self.data.train if split == "train" else self.data.eval
+            desirable = torch.tensor([samples[i].label for i in idx], device=device)
+            return example_loss(self.cfg, policy, ref, desirable, kl)
+        if self.needs_ref and self.table is not None:
+            ref = PairLogps(self.table[f"{split}.chosen"][rows].to(device),
+                            self.table[f"{split}.rejected"][rows].to(device), None, None)
+        return pair_loss(self.cfg, policy, ref)
+
+    @torch.no_grad()
+    def step_kl(self, split: str, groups: list[tuple[list[int], bool]]) -> torch.Tensor | None:
+        """KTO's z₀ over every rank's examples (their mismatched rows): Σ (policy − reference) and the row count
+        all-reduced, z₀ = max(0, Σ / n), detached. `groups`: this rank's (indices, counted) micro-batches."""
+        if not self.kto:
+            return None
+        total, n = 0.0, 0
+        for idx, counted in groups:
+            batch = collate_kto([self.kl_rows[split][i] for i in idx], self.pad_id, self.image_encoder).to(self.device)
+            with self.autocast():
+                policy, ref = self.logps(batch, reference=self.table is None)
+            if self.table is not None:
+                ref = self.table[f"{split}.kl"][torch.tensor(idx, dtype=torch.long)].to(policy.device)
+            if counted:
+                total, n = total + float((policy.float() - ref.float()).double().sum()), n + len(idx)
+        total, n = self.ranks.sum([total, float(n)])
+        return torch.tensor(max(total / n, 0.0), dtype=torch.float32, device=self.device)
+
+    def summed(self, totals: PreferenceTotals) -> PreferenceTotals:
+        """`totals` summed over the ranks (its seconds are this rank's)."""
+        keys = [k for k in totals.to_dict() if k != "seconds"]
+        values = self.ranks.sum([float(getattr(totals, k)) for k in keys])
+        return PreferenceTotals(**{k: type(getattr(totals, k))(v) for k, v in zip(keys, values)},
+                                seconds=totals.seconds)
+
+    def forward_backward(self, micro: list) -> PreferenceTotals:
+        """Σ_micro-batches ∇(Σ losses × N / pairs of the step on all ranks); the step's totals over all ranks."""
+        totals = PreferenceTotals()
+        n_all = self.ranks.sum([float(sum(len(idx) for idx, _ in micro))])[0]  # counted first, on every rank
+        scale = self.ranks.world / n_all
+        kl = self.step_kl("train", [(idx, True) for idx, _ in micro])
+        for i, (idx, batch) in enumerate(micro):
+            batch = batch.to(self.device)
+            with self.grad_sync(i == len(micro) - 1):
+                with self.autocast():
+                    out = self.micro_loss("train", idx, batch, kl)
+                (out.losses.sum() * scale).backward()
+            totals.add(out, batch.n_tokens)
+        return self.summed(totals)
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    def train(self) -> int:
+        cfg, data, ranks = self.cfg, self.data, self.ranks
+        self.log = (MetricsLogger(self.out, self.step, self.total, show_progress=sys.stderr.isatty())
+                    if ranks.is_main else QuietLogger(self.say))
+        stop = StopFlag(self.say)
+        stop.install()
+        stream = iter(PreferenceStream(data.train, self.kto, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                                       self.pad_id, cfg.seed, start=self.position, image_encoder=self.image_encoder,
+                                       shard=(ranks.rank, ranks.world)))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.grad_sync = grad_sync(self.root, self.mode, cfg)
+        clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
+        self.longest, self.run_seconds, self.run_steps = 0, 0.0, 0
+        try:
+            while self.step < self.total:
+                self.train_step(stream, params, clip)
+                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.total:
+                    self.run_eval()
+                if (self.save_every and self.step % self.save_every == 0) or self.step == self.total:
+                    self.save(self.step)
+                if ranks.any(stop.signum is not None):  # every rank stops at the same step
+                    raise Interrupted
+            if data.eval:
+                self.run_eval()
+        except (Interrupted, KeyboardInterrupt, TrainingStopped, torch.OutOfMemoryError) as e:
+            return self.stopped(e)
+        finally:
+            stop.restore()
+            self.log.close()
+        return self.finish()
+
+    def train_step(self, stream, params: list[torch.nn.Parameter], clip: float) -> None:
+        t0 = time.perf_counter()
+        next_position, micro = next(stream)
+        self.longest = max([self.longest] + [b.input_ids.shape[1] for _, b in micro])
+        result = self.forward_backward(micro)
+        if not math.isfinite(result.loss):
+            raise TrainingStopped(f"loss is {result.loss} at step {self.step + 1}")
+        self.watchdog.check(self.step + 1, result.loss)  # the loss over all ranks: every rank stops together
+        grad_norm = clip_grad_norm_(params, clip)  # over every rank's shards
+        if not math.isfinite(grad_norm):
+            raise TrainingStopped(f"gradient norm is {grad_norm} at step {self.step + 1} (loss {result.loss:.4f})")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.step, self.position, self.rng = self.step + 1, next_position, ckpt.capture_rng()
+        self.losses.append([self.step, result.loss])
+        result.seconds = time.perf_counter() - t0
+        self.window.merge(result)
+        self.run_seconds, self.run_steps = self.run_seconds + result.seconds, self.run_steps + 1
+        self.log.advance()
+        if self.step % self.cfg.logging_steps == 0 or self.step == self.total:
+            self.log_window(lr, grad_norm)
+
+    def log_window(self, lr: float, grad_norm: float) -> None:
+        step, w, stats = self.step, self.window, self.window.stats()
+        row = self.log.log_train(
+            step, epoch=round(self.position.epoch + self.position.step / self.spe, 4), **stats, lr=lr,
+            grad_norm=grad_norm, tokens_per_s=round(w.n_tokens / max(w.seconds, 1e-9), 1), pairs=w.n_items,
+            peak_mem_gb=round(peak_memory_gb(self.device), 3))
+        if self.log.bar is None:
+            eta = (self.total - step) * self.run_seconds / self.run_steps
+            self.log.message(f"step {step}/{self.total}: loss {row['loss']:.4f}, reward accuracy "
+                             f"{stats['reward_accuracy']:.2f}, margin {stats['reward_margin']:.3f}, lr {lr:.3g}, "
+                             f"grad_norm {grad_norm:.3f}, {row['tokens_per_s']:.0f} tok/s, ETA {eta:.0f}s")
+        self.window = PreferenceTotals()
+
+    @torch.no_grad()
+    def evaluate(self) -> PreferenceTotals:
+        """The losses and rewards on the eval split, each rank its share (eval_groups), summed over the ranks."""
+        data, totals = self.data.eval, PreferenceTotals()
+        groups = eval_groups(len(data), self.cfg.micro_batch_size, self.ranks)
+        collate = collate_kto if self.kto else collate_pairs
+        self.model.eval()
+        try:
+            kl = self.step_kl("eval", groups)
+            for idx, counted in groups:
+                batch = collate([data[j] for j in idx], self.pad_id, self.image_encoder).to(self.device)
+                with self.autocast():
+                    out = self.micro_loss("eval", idx, batch, kl)
+                if counted:
+                    totals.add(out, batch.n_tokens)
+        finally:
+            self.model.train()
+        return self.summed(totals)
+
+    def run_eval(self) -> None:
+        self.log.log_eval_values(self.step, **self.evaluate().stats())
+
+    def save(self, at: int) -> None:
+        cfg = self.cfg
+        trainer_state = {"step": at, "total_steps": self.total, "position": self.position.to_dict(),
+                         "losses": self.losses, "window": self.window.to_dict(), "n_train_samples": len(self.data.train),
+                         "steps_per_epoch": self.spe, "rl": cfg.rl}
+        path = save_sharded(self.ranks, self.mode, self.dtype, self.out, at, self.model, self.optimizer,
+                            self.scheduler, trainer_state, self.rng, cfg, self.data.tokenizer_file)
+        self.log.message(f"saved {path}")
+
+    # --- the end ----------------------------------------------------------------------------------------------------
+    def stopped(self, e: BaseException) -> int:
+        """The exit code of a run that did not finish, after saying why (and saving, after a stop signal)."""
+        step, last = self.step, ckpt.latest_checkpoint(self.out)
+        if isinstance(e, Interrupted):
+            if step > 0 and not ckpt.is_complete(self.out / f"{ckpt.PREFIX}{step}"):
+                self.save(step)
+            self.log.message(f"interrupted after step {step}; resume with resume_from_checkpoint: auto")
+            return 130
+        if isinstance(e, KeyboardInterrupt):
+            self.log.message(f"interrupted during step {step + 1}: nothing saved; the last checkpoint is "
+                             f"{last or '(none)'}")
+            return 130
+        if isinstance(e, TrainingStopped):
+            self.log.message(f"error: {e}: stopping before the optimizer step, so no weight is corrupted.\n"
+                             f"  The last good checkpoint is {last or '(none yet)'}. Lower learning_rate or rl_beta, "
+                             "keep max_grad_norm set (1.0), or check the data of this step; resume_from_checkpoint: "
+                             "auto continues from there.")
+            return 1
+        self.log.message(f"error: out of memory at step {step + 1} ({oom_summary(e)})\n"
+                         f"{oom_advice(self.cfg, self.longest)}")
+        return 1
+
+    def finish(self) -> int:
+        cfg, out = self.cfg, self.out
+        save_consolidated(self.ranks, self.model, out, cfg, self.data.tokenizer_file)  # gathered on rank 0
+        png = plot_losses(self.log.path, out / "loss.png") if self.ranks.is_main else None
+        done = [loss for _, loss in self.losses if loss is not None]
+        self.say(f"done: {self.step} steps, loss {done[0]:.4f} → {done[-1]:.4f}" if done else f"done: {self.step} steps")
+        self.say(f"outputs in {out}: {'adapter' if cfg.adapter else 'model'}, {self.data.tokenizer_file.name}, "
+                 f"config.yaml, metrics.jsonl{', loss.png' if png else ''}")
+        return 0
+
+
+__all__ = ["DPODistributed", "eval_groups", "preference_forward", "train"]
