@@ -53,14 +53,17 @@ def train(cfg: Config) -> int:
     say = Printer()
     recipe = DPO(cfg, say)
     try:
-        recipe.setup()
-    except SETUP_ERRORS as e:
-        say(f"error: {e}")
-        return 2
-    except torch.OutOfMemoryError as e:
-        say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n{oom_advice(cfg, None)}")
-        return 1
-    return recipe.train()
+        try:
+            recipe.setup()
+        except SETUP_ERRORS as e:
+            say(f"error: {e}")
+            return 2
+        except torch.OutOfMemoryError as e:
+            say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n{oom_advice(cfg, None)}")
+            return 1
+        return recipe.train()
+    finally:
+        recipe.release()  # output_dir's lock
 
 
 class PreferenceStream(StepStream):
@@ -85,6 +88,11 @@ class DPO:
         self.unit = "examples" if self.kto else "pairs"
 
     # --- setup: everything before the first step; an error here means nothing was trained ---------------------
+    def release(self) -> None:
+        """Give output_dir's lock back (the OS does it as well when the process ends)."""
+        if getattr(self, "pre", None) is not None:
+            self.pre.release()
+
     def setup(self) -> None:
         self.setup_data()
         self.setup_model()

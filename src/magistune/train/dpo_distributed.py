@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from magistune.config import Config
+from magistune.config import Config, ConfigError
 from magistune.data.build import prepare_data, resolve_tokenizer_file
 from magistune.data.cache import cache_key
 from magistune.model import format_model_info, resolve_dtype
@@ -59,8 +59,8 @@ def train(cfg: Config, env: dict, mode: str) -> int:
     except DistributedError as e:
         say(f"error: {e}")
         return 2
+    recipe = DPODistributed(cfg, ranks, mode, say)
     try:
-        recipe = DPODistributed(cfg, ranks, mode, say)
         try:
             recipe.setup()
         except SETUP_ERRORS as e:
@@ -72,6 +72,7 @@ def train(cfg: Config, env: dict, mode: str) -> int:
             return 1
         return recipe.train()
     finally:
+        recipe.release()
         ranks.close()
 
 
@@ -112,6 +113,11 @@ class DPODistributed:
         self.needs_ref = self.kto or cfg.rl in PAIR_REFERENCE
 
     # --- setup: everything before the first step; an error here means nothing was trained ---------------------
+    def release(self) -> None:
+        """Give output_dir's lock back (the OS does it as well when the process ends)."""
+        if getattr(self, "pre", None) is not None:
+            self.pre.release()
+
     def setup(self) -> None:
         self.setup_data()
         self.setup_model()
@@ -121,13 +127,22 @@ class DPODistributed:
 
     def setup_data(self) -> None:
         cfg, say, ranks = self.cfg, self.say, self.ranks
-        self.pre = preflight(cfg)
+        error = None
+        try:  # rank 0 alone locks output_dir, checks it for an earlier run and verifies the checkpoint
+            self.pre = preflight(cfg, main=ranks.is_main)
+        except SETUP_ERRORS as e:
+            error = e
+        if ranks.any(error is not None):  # every rank stops (none waits in a collective for rank 0)
+            raise error or ConfigError("stopped: rank 0 refused the run (its message says why)")
+        self.pre.resume = ranks.broadcast_object(self.pre.resume)  # rank 0's choice: it skipped damaged ones
         for note in mode_notes(cfg, self.mode, ranks.world) + self.pre.notes:
             say(f"note: {note}")
         seed_everything(cfg.seed)
         self.data = data = run_main_first(ranks, lambda: prepare_data(cfg, progress=sys.stderr.isatty() and ranks.is_main))
         self.tokenizer = load_tokenizer(data.tokenizer_file)
-        agree(ranks, resolved_config(cfg, self.pre.model_dir), data)  # every rank has the same config and samples
+        resolved = resolved_config(cfg, self.pre.model_dir)
+        agree(ranks, resolved, data)  # every rank has the same config and samples
+        self.run_config = ckpt.run_config(resolved)  # saved in every checkpoint
         self.pad_id = SpecialIds.of(self.tokenizer).pad
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()
@@ -187,6 +202,9 @@ class DPODistributed:
                     f"{resume} was trained with rl: {state.get('rl')} on {state.get('n_train_samples')} {self.unit}, "
                     f"the run now has rl: {self.cfg.rl} and {n_train}: the data position cannot be restored. Start a "
                     "new output_dir")
+            for note in ckpt.check_same_run(resume, state, self.run_config, self.total,
+                                            self.cfg.resume_ignore_config_changes):
+                self.say(f"note: {note}")
             self.say(f"resumed at step {state['step']} of {self.total}")
         self.step, self.position, self.losses = state["step"], DataPosition.from_dict(state["position"]), state["losses"]
         self.window = PreferenceTotals(**state["window"])
@@ -397,7 +415,8 @@ class DPODistributed:
         cfg = self.cfg
         trainer_state = {"step": at, "total_steps": self.total, "position": self.position.to_dict(),
                          "losses": self.losses, "window": self.window.to_dict(), "n_train_samples": len(self.data.train),
-                         "steps_per_epoch": self.spe, "rl": cfg.rl}
+                         "steps_per_epoch": self.spe, "rl": cfg.rl,
+                         "run_config": self.run_config}
         path = save_sharded(self.ranks, self.mode, self.dtype, self.out, at, self.model, self.optimizer,
                             self.scheduler, trainer_state, self.rng, cfg, self.data.tokenizer_file)
         self.log.message(f"saved {path}")

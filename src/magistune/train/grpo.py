@@ -56,14 +56,17 @@ def train(cfg: Config) -> int:
     say = Printer()
     recipe = GRPO(cfg, say)
     try:
-        recipe.setup()
-    except SETUP_ERRORS as e:
-        say(f"error: {e}")
-        return 2
-    except torch.OutOfMemoryError as e:
-        say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n{oom_advice(cfg, None)}")
-        return 1
-    return recipe.train()
+        try:
+            recipe.setup()
+        except SETUP_ERRORS as e:
+            say(f"error: {e}")
+            return 2
+        except torch.OutOfMemoryError as e:
+            say(f"error: out of memory while loading or preparing the model ({oom_summary(e)})\n{oom_advice(cfg, None)}")
+            return 1
+        return recipe.train()
+    finally:
+        recipe.release()  # output_dir's lock
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -77,6 +80,11 @@ class GRPO:
         self.cfg, self.trl, self.say = cfg, cfg.trl, say
 
     # --- setup ------------------------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Give output_dir's lock back (the OS does it as well when the process ends)."""
+        if getattr(self, "pre", None) is not None:
+            self.pre.release()
+
     def setup(self) -> None:
         self.setup_data()
         self.setup_model()
