@@ -156,6 +156,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="experiment: torch.compile each decoder layer")
     p.add_argument("--no-ckpt", type=int, default=0, help="experiment: this many layers run without checkpointing")
     p.add_argument("--profile", default=None, help="write torch.profiler's top CUDA ops of the timed steps here")
+    p.add_argument("--memory-profile", default=None, help="write what holds the peak memory of the timed steps "
+                   "here (bench/memory_peak.py, from torch's allocator history)")
     p.add_argument("--out", default="bench_train_step.jsonl")
     args = p.parse_args()
     if (args.packing or args.random_lengths or args.cce or args.offload or args.liger or args.tiled_mlp) \
@@ -257,12 +259,20 @@ def main() -> None:
     if args.profile:
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
         prof.__enter__()
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    if args.memory_profile:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    if args.memory_profile:
+        from memory_peak import peak_report
+
+        Path(args.memory_profile).write_text(peak_report(torch.cuda.memory._snapshot(), baseline) + "\n")
+        torch.cuda.memory._record_memory_history(enabled=None)
     if prof is not None:
         prof.__exit__(None, None, None)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
