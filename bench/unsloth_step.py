@@ -19,6 +19,7 @@ One JSON line (side "unsloth", train_step.py's keys plus the Unsloth versions) g
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -133,21 +134,25 @@ def versions() -> dict:
     return out
 
 
-def row_for(args, tokens_per_s: float, peak_gib: float | None, weights_gib: float, build_s: float, gpu: str) -> dict:
+def row_for(args, tokens_per_s: float, peak_gib: float | None, weights_gib: float, build_s: float, gpu: str,
+            attn: str | None = None) -> dict:
     """train_step.py's row (the same keys, so bench/report.py tables it), side "unsloth"."""
+    from train_step import magistune_version
+
     return {
         "side": "unsloth", "image_px": None, "seq": args.seq, "mbs": args.mbs, "accum": args.accum,
-        "layers": args.layers, "attn": "unsloth", "packing": False, "random_lengths": False,
+        "layers": args.layers, "attn": attn, "packing": False, "random_lengths": False,
         "packing_efficiency": None, "padding_share": None, "cce": False, "offload": False, "dropout": args.dropout,
         "liger": False, "compile": False, "tiled_mlp": 0, "no_ckpt": 0, "profiled": False, "steps": args.steps,
         "tokens_per_s": round(tokens_per_s, 1), "peak_gib": peak_gib, "weights_gib": weights_gib,
-        "build_s": round(build_s, 1), "gpu": gpu, **versions(), "date": time.strftime("%Y-%m-%d"),
+        "build_s": round(build_s, 1), "gpu": gpu, **versions(), "magistune": magistune_version(),  # the bench's code
+        "date": time.strftime("%Y-%m-%d"),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not args.tiny:
+    if not args.save_only:
         import unsloth  # noqa: F401  first: it patches transformers and peft when imported before them
     folder = Path(args.folder)
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: reusing the model folder {folder}", flush=True)
     else:
         build_s = save_bnb4_folder(folder, args.layers, args.tiny, device)
+        gc.collect()
         print(f"note: saved the bnb-4bit folder {folder} in {build_s:.0f} s", flush=True)
     if args.save_only:
         return
@@ -190,13 +196,14 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - t0
     tokens = args.steps * args.accum * args.mbs * args.seq
     row = row_for(args, tokens / seconds, round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  round(weight_bytes / 2**30, 2), build_s,
-                  torch.cuda.get_device_name())
+                  round(weight_bytes / 2**30, 2), build_s, torch.cuda.get_device_name(),
+                  model.config.get_text_config()._attn_implementation)
     print(json.dumps(row), flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub: the folder is local
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # Unsloth otherwise downloads a README to count runs
     main()
