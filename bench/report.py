@@ -106,8 +106,8 @@ def table(rows: list[dict]) -> str:
                "*+liger*: liger_rms_norm + liger_glu_activation; *+tiled-mlp×N*: tiled_mlp in N shards; "
                "*+compile*: torch.compile of each decoder layer.\n")
     unsloth = ("\n*unsloth*: Unsloth's FastLanguageModel on the same model saved as a bnb-4bit folder "
-               "(bench/unsloth_step.py): its LoRA kernels (fused only with dropout 0), \"unsloth\" gradient checkpointing "
-               "and its own compilation; the same batches, 8-bit AdamW and bf16 autocast.\n")
+               "(bench/unsloth_step.py): its fused LoRA kernels (the dropout fused in), \"unsloth\" gradient checkpointing "
+               "and its own patches; the same batches, 8-bit AdamW and bf16 autocast.\n")
     return (head + "\n".join(lines) + "\n" + ratio_lines(rows) + longest_under(rows)
             + (unsloth if any(r["side"] == "unsloth" for r in rows) else "") + (notes if any(r.get("image_px") for r in rows) else "")
             + (lengths if any(r.get("random_lengths") or tags(r) for r in rows) else ""))

@@ -6,13 +6,14 @@
 
 Unsloth loads models from folders, so the model train_step.py builds in memory (random_model(), seed 0, NF4 +
 double quantisation, bf16 compute, lm_head and embeddings unquantised) is saved once as a bnb-4bit folder
-(config.json with its quantization_config, model.safetensors with the packed weights and quant states; 13 GB for
+(config.json with its quantization_config, model.safetensors with the packed weights and quant states; 14 GB for
 40 layers) plus an HF tokenizer converted from the Tekken file magistune's tiny models use (131,072 ids, the real
 control-token ranks). A later run with the same --layers reuses the folder. Then, as Unsloth's users train:
 FastLanguageModel.from_pretrained(folder, load_in_4bit=True), get_peft_model(r=32, alpha=16, --dropout, all 7
 projections, use_gradient_checkpointing="unsloth"), and the model's own loss on every token (labels = ids). The
 step itself is train_step.py's reference step: bf16 autocast, loss / accum, clip 1.0, magistune's 8-bit AdamW
-(build_optimizer). Unsloth's fused LoRA kernels run only with dropout 0; the row records the dropout used.
+(build_optimizer). Unsloth 2026.10.9 fuses LoRA dropout into its LoRA kernels (UNSLOTH_FUSED_LORA_DROPOUT, on
+unless set to 0), so dropout 0.05 runs its fast path too; the row records the dropout and that setting.
 One JSON line (side "unsloth", train_step.py's keys plus the Unsloth versions) goes to --out.
 """
 
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--layers", type=int, default=40)
-    p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (as train_step.py; Unsloth's fast path needs 0)")
+    p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (as train_step.py)")
     p.add_argument("--folder", default=None, help="the bnb-4bit model folder (default bench/scratch/unsloth-L<layers>)")
     p.add_argument("--tiny", action="store_true", help="the tiny model (2 layers, 64 wide) instead of Magistral Small")
     p.add_argument("--save-only", action="store_true", help="write the folder and stop (--tiny runs on the CPU)")
@@ -145,6 +146,7 @@ def row_for(args, tokens_per_s: float, peak_gib: float | None, weights_gib: floa
         "packing_efficiency": None, "padding_share": None, "cce": False, "offload": False, "dropout": args.dropout,
         "liger": False, "compile": False, "tiled_mlp": 0, "no_ckpt": 0, "profiled": False, "steps": args.steps,
         "tokens_per_s": round(tokens_per_s, 1), "peak_gib": peak_gib, "weights_gib": weights_gib,
+        "unsloth_fused_lora_dropout": os.environ.get("UNSLOTH_FUSED_LORA_DROPOUT", "1") != "0",
         "build_s": round(build_s, 1), "gpu": gpu, **versions(), "magistune": magistune_version(),  # the bench's code
         "date": time.strftime("%Y-%m-%d"),
     }
