@@ -5,7 +5,7 @@
 # Usage: bash bench/run_three_gpu.sh OUT "MBSxACCUMxSEQ ..." ["magistune flags"]
 #   e.g.  bash bench/run_three_gpu.sh $OUT "2x4x2048 1x1x2048" "--liger"
 # Environment: ARCHIVE (.whl-bench/bench-site.tar.gz, from bench/wheels_bench.sh), SITE (/tmp/site: emptied and
-# filled from ARCHIVE), LAYERS (40), STEPS (3), DROPOUT (0.05: magistune and stock), UNSLOTH_DROPOUTS (0.05;
+# filled from ARCHIVE), LAYERS (40), STEPS (3), WARMUP (1), DROPOUT (0.05: magistune and stock), UNSLOTH_DROPOUTS (0.05;
 # "0.05 0" gives one Unsloth row each: 2026.10.9 fuses the dropout into its LoRA kernels, and each Unsloth run prints
 # how many layers it patched), RUN_TIMEOUT (seconds per process, 300), DEADLINE (570: seconds after which no process
 # starts and a running one is stopped, so that the report is written inside a 600-second device call; a run skipped
@@ -16,7 +16,7 @@ shapes=${2:-"2x4x2048 1x1x2048"}
 magistune_flags=${3:-}
 archive=${ARCHIVE:-.whl-bench/bench-site.tar.gz}
 site=${SITE:-/tmp/site}
-layers=${LAYERS:-40}; steps=${STEPS:-3}; dropout=${DROPOUT:-0.05}; unsloth_dropouts=${UNSLOTH_DROPOUTS:-0.05}
+layers=${LAYERS:-40}; steps=${STEPS:-3}; warmup=${WARMUP:-1}; dropout=${DROPOUT:-0.05}; unsloth_dropouts=${UNSLOTH_DROPOUTS:-0.05}
 run_timeout=${RUN_TIMEOUT:-300}; deadline=${DEADLINE:-570}
 for s in $shapes; do
   [[ $s =~ ^[0-9]+x[0-9]+x[0-9]+$ ]] || { echo "bad shape '$s': expected MBSxACCUMxSEQ, e.g. 2x4x2048"; exit 2; }
@@ -47,16 +47,21 @@ run() {  # run NAME CMD...: one process, its log in OUT/logs, its exit status an
   timeout "$((left < run_timeout ? left : run_timeout))" "$@" > "$out/logs/$name.log" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - start)) s$([ $rc = 0 ] || echo '  FAILED')"
-  if [ $rc = 0 ]; then grep -i "patched" "$out/logs/$name.log" | tail -2; tail -1 "$out/logs/$name.log"; else grep -v -i warn "$out/logs/$name.log" | tail -25; fi
+  if [ $rc = 0 ]; then
+    grep -i "patched" "$out/logs/$name.log" | tail -2  # Unsloth: how many layers got its fused LoRA kernels
+    tail -1 "$out/logs/$name.log"
+  else
+    grep -v -i warn "$out/logs/$name.log" | tail -25
+  fi
 }
 
 # The bnb-4bit folder Unsloth loads, saved once (its own process: the build's memory is gone before any timing).
-folder=bench/scratch/unsloth-L$layers
+folder=bench/scratch/magistral-small-L$layers-bnb-4bit
 run "unsloth-save-L$layers" python3 bench/unsloth_step.py --layers "$layers" --folder "$folder" --save-only
 rows=$out/train_step.jsonl
 for s in $shapes; do
   IFS=x read -r mbs accum seq <<<"$s"
-  common=(--seq "$seq" --mbs "$mbs" --accum "$accum" --layers "$layers" --steps "$steps" --out "$rows")
+  common=(--seq "$seq" --mbs "$mbs" --accum "$accum" --layers "$layers" --steps "$steps" --warmup "$warmup" --out "$rows")
   # shellcheck disable=SC2086  # the flags are words
   run "magistune-$s" python3 bench/train_step.py --side magistune "${common[@]}" --dropout "$dropout" $magistune_flags
   run "reference-$s" python3 bench/train_step.py --side reference "${common[@]}" --dropout "$dropout"

@@ -1,7 +1,7 @@
 """The Unsloth side of bench/train_step.py: the same random-weight Magistral Small, LoRA, optimiser and batches.
 
     python bench/unsloth_step.py --seq 2048 --mbs 2 --accum 4 [--layers 40] [--steps 3] [--dropout 0.05]
-        [--folder bench/scratch/unsloth-L40] [--out bench_train_step.jsonl]
+        [--folder bench/scratch/magistral-small-L40-bnb-4bit] [--out bench_train_step.jsonl]
     python bench/unsloth_step.py --tiny --save-only --folder DIR   (CPU: writes the tiny model's folder only)
 
 Unsloth loads models from folders, so the model train_step.py builds in memory (random_model(), seed 0, NF4 +
@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -54,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny and not args.save_only:
         p.error("--tiny only writes the folder (--save-only): Unsloth trains on a GPU")
     if args.folder is None:
-        args.folder = str(Path(__file__).parent / "scratch" / ("unsloth-tiny" if args.tiny else f"unsloth-L{args.layers}"))
+        name = "tiny-bnb-4bit" if args.tiny else f"magistral-small-L{args.layers}-bnb-4bit"
+        args.folder = str(Path(__file__).parent / "scratch" / name)
     return args
 
 
@@ -107,8 +107,9 @@ def save_bnb4_folder(folder: Path, layers: int, tiny: bool, device: torch.device
     return time.perf_counter() - t0
 
 
-def load_unsloth(folder: Path, args) -> tuple[torch.nn.Module, int]:
-    """Unsloth's model with its LoRA, and the bytes of the loaded base weights (model_info, as random_model)."""
+def load_unsloth(folder: Path, args) -> tuple[torch.nn.Module, int, int]:
+    """Unsloth's model with its LoRA, the bytes of the loaded base weights (model_info, as random_model) and the
+    number of trainable (LoRA) parameters."""
     from unsloth import FastLanguageModel
 
     from magistune.model.load import model_info
@@ -120,7 +121,7 @@ def load_unsloth(folder: Path, args) -> tuple[torch.nn.Module, int]:
                                              target_modules=TARGETS, bias="none",
                                              use_gradient_checkpointing="unsloth", random_state=0)
     FastLanguageModel.for_training(model)
-    return model, weight_bytes
+    return model, weight_bytes, model_info(model).trainable_params
 
 
 def versions() -> dict:
@@ -136,7 +137,7 @@ def versions() -> dict:
 
 
 def row_for(args, tokens_per_s: float, peak_gib: float | None, weights_gib: float, build_s: float, gpu: str,
-            attn: str | None = None) -> dict:
+            attn: str | None = None, trainable: int | None = None) -> dict:
     """train_step.py's row (the same keys, so bench/report.py tables it), side "unsloth"."""
     from train_step import magistune_version
 
@@ -146,6 +147,7 @@ def row_for(args, tokens_per_s: float, peak_gib: float | None, weights_gib: floa
         "packing_efficiency": None, "padding_share": None, "cce": False, "offload": False, "dropout": args.dropout,
         "liger": False, "compile": False, "tiled_mlp": 0, "no_ckpt": 0, "profiled": False, "steps": args.steps,
         "tokens_per_s": round(tokens_per_s, 1), "peak_gib": peak_gib, "weights_gib": weights_gib,
+        "trainable_params": trainable,
         "unsloth_fused_lora_dropout": os.environ.get("UNSLOTH_FUSED_LORA_DROPOUT", "1") != "0",
         "build_s": round(build_s, 1), "gpu": gpu, **versions(), "magistune": magistune_version(),  # the bench's code
         "date": time.strftime("%Y-%m-%d"),
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     from magistune.train.optim import build_optimizer
 
     t0 = time.perf_counter()
-    model, weight_bytes = load_unsloth(folder, args)
+    model, weight_bytes, trainable = load_unsloth(folder, args)
+    print(f"note: {trainable:,} trainable parameters", flush=True)
     build_s += time.perf_counter() - t0
     optimizer = build_optimizer(model, bench_cfg(), device)
     vocab = model.config.get_text_config().vocab_size
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = args.steps * args.accum * args.mbs * args.seq
     row = row_for(args, tokens / seconds, round(torch.cuda.max_memory_allocated() / 2**30, 2),
                   round(weight_bytes / 2**30, 2), build_s, torch.cuda.get_device_name(),
-                  model.config.get_text_config()._attn_implementation)
+                  model.config.get_text_config()._attn_implementation, trainable)
     print(json.dumps(row), flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -18,8 +18,8 @@ from unsloth_step import TARGETS, parse_args, row_for, save_bnb4_folder  # noqa:
 def test_arguments_default_to_train_step_s():
     args = parse_args(["--seq", "2048", "--mbs", "2", "--accum", "4"])
     assert (args.seq, args.mbs, args.accum, args.layers, args.steps, args.warmup, args.dropout) == (2048, 2, 4, 40, 3, 1, 0.05)
-    assert Path(args.folder) == BENCH / "scratch" / "unsloth-L40"
-    assert parse_args(["--layers", "4", "--dropout", "0"]).folder.endswith("unsloth-L4")
+    assert Path(args.folder) == BENCH / "scratch" / "magistral-small-L40-bnb-4bit"
+    assert parse_args(["--layers", "4", "--dropout", "0"]).folder.endswith("magistral-small-L4-bnb-4bit")
     assert TARGETS == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

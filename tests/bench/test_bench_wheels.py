@@ -93,14 +93,15 @@ def test_archive_is_pruned_and_pinned(unpacked):
     assert libs == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so"]
     for dist in ("unsloth-2026.10.9", "unsloth_zoo-2026.10.9", "trl-1.15.0", "datasets-4.8.5", "bitsandbytes-0.50.2"):
         assert (site / f"{dist}.dist-info").is_dir(), dist
-    names = tarfile.open(ARCHIVE).getnames()
+    with tarfile.open(ARCHIVE) as tar:
+        names = tar.getnames()
     assert all(n.split("/")[0] in ("site", "fallback") and "__pycache__" not in n for n in names)
 
 
 def _run_three(*args, env_extra=None, timeout=120):
     env = {**os.environ, **(env_extra or {}), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(["bash", str(REPO / "bench" / "run_three_gpu.sh"), *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=timeout)
+    return subprocess.run(["bash", str(REPO / "bench" / "run_three_gpu.sh"), *args], check=False,
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 def test_run_three_refuses_a_bad_shape_before_doing_anything(tmp_path):
