@@ -74,7 +74,7 @@ def write_tokenizer(folder: Path) -> None:
     from magistune.tokenizer import tiny_tokenizer_path
 
     tok = convert_tekken_tokenizer(str(tiny_tokenizer_path()))
-    tok.pad_token = "<pad>"  # id 11 in Tekken; without one Unsloth adds a token and resizes the embeddings
+    tok.pad_token = "<pad>"  # id 11 in Tekken: the config's pad_token_id, so tokenizer and model agree
     tok.save_pretrained(str(folder))
 
 
