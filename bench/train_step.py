@@ -33,6 +33,20 @@ from pathlib import Path
 import torch
 
 
+def magistune_version() -> str:
+    """magistune's version, with the commit when the benchmark runs from a git checkout ("0.1.0+1a2b3c4")."""
+    import subprocess
+
+    import magistune
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
+                             timeout=10, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return magistune.__version__ + (f"+{sha}" if sha else "")
+
+
 def config_for(args) -> "object":
     from magistune.config import parse_config
 
@@ -294,7 +308,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "peft": __import__("peft").__version__, "bitsandbytes": __import__("bitsandbytes").__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        "magistune": magistune_version(), "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(row), flush=True)
     with open(args.out, "a") as f:
