@@ -2,8 +2,9 @@
 # Runs on the GPU host: magistune, the stock stack (transformers + PEFT + bitsandbytes) and Unsloth on the same GPU in
 # one call, each configuration in its own process (its own peak memory; a failure is printed and the next one runs),
 # into OUT/train_step.jsonl, then bench/report.py writes OUT/train_step.md with versions and ratios.
-# Usage: bash bench/run_three_gpu.sh OUT "MBSxACCUMxSEQ ..." ["magistune flags"]
-#   e.g.  bash bench/run_three_gpu.sh $OUT "2x4x2048 1x1x2048" "--liger"
+# Usage: bash bench/run_three_gpu.sh OUT "MBSxACCUMxSEQ ..." ["magistune flags[;flags...]"]
+#   e.g.  bash bench/run_three_gpu.sh $OUT "2x4x2048 1x1x2048" ";--liger --kernels"   (two magistune rows per shape:
+#   the defaults, then liger + the LoRA kernels)
 # Environment: ARCHIVE (.whl-bench/bench-site.tar.gz, from bench/wheels_bench.sh), SITE (/tmp/site: emptied and
 # filled from ARCHIVE), LAYERS (40), STEPS (3), WARMUP (1), DROPOUT (0.05: magistune and stock), UNSLOTH_DROPOUTS (0.05;
 # "0.05 0" gives one Unsloth row each: 2026.10.9 fuses the dropout into its LoRA kernels, and each Unsloth run prints
@@ -62,8 +63,11 @@ rows=$out/train_step.jsonl
 for s in $shapes; do
   IFS=x read -r mbs accum seq <<<"$s"
   common=(--seq "$seq" --mbs "$mbs" --accum "$accum" --layers "$layers" --steps "$steps" --warmup "$warmup" --out "$rows")
-  # shellcheck disable=SC2086  # the flags are words
-  run "magistune-$s" python3 bench/train_step.py --side magistune "${common[@]}" --dropout "$dropout" $magistune_flags
+  IFS=';' read -r -a variants <<<"$magistune_flags"; [ ${#variants[@]} = 0 ] && variants=("")
+  for i in "${!variants[@]}"; do
+    # shellcheck disable=SC2086  # the flags are words
+    run "magistune$i-$s" python3 bench/train_step.py --side magistune "${common[@]}" --dropout "$dropout" ${variants[$i]}
+  done
   run "reference-$s" python3 bench/train_step.py --side reference "${common[@]}" --dropout "$dropout"
   for d in $unsloth_dropouts; do
     run "unsloth-d$d-$s" python3 bench/unsloth_step.py "${common[@]}" --dropout "$d" --folder "$folder"
