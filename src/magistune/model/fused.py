@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from magistune.model.load import ModelError
+from magistune.model import lora_kernels
 from magistune.model.lora_kernels import LoRAFusedAttention, lora_group
 
 
@@ -51,11 +52,11 @@ class SwiGLUMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
         self.shards, self.liger = shards, liger
-        self.fuse_gate_up = self.fuse_down = False  # LoRA kernels (apply_lora_kernels sets them)
+        self.fuse_gate_up = self.fuse_down = self.keep_weights = False  # LoRA kernels (apply_lora_kernels sets them)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse_gate_up:
-            gate, up = lora_group(x, (self.gate_proj, self.up_proj))
+            gate, up = lora_group(x, (self.gate_proj, self.up_proj), self.keep_weights)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if self.liger and x.is_cuda:
@@ -64,7 +65,7 @@ class SwiGLUMLP(nn.Module):
             h = LigerSiLUMulFunction.apply(gate, up)
         else:
             h = self.act_fn(gate) * up
-        return lora_group(h, (self.down_proj,))[0] if self.fuse_down else self.down_proj(h)
+        return lora_group(h, (self.down_proj,), self.keep_weights)[0] if self.fuse_down else self.down_proj(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shards <= 1 or not torch.is_grad_enabled() or x.shape[-2] < 2 * self.shards:
@@ -168,6 +169,7 @@ def apply_lora_kernels(model: nn.Module, cfg) -> list[str]:
     from peft.tuners.lora import LoraLayer
     from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer, MistralMLP
 
+    keep = lora_kernels.KEEP_DEQUANTISED_WEIGHTS and cfg.gradient_checkpointing  # see there: checkpointing only
     fused: dict[str, int] = {"q,k,v": 0, "o": 0, "gate,up": 0, "down": 0}
     left: dict[str, str] = {}  # group -> why some layers keep PEFT's layers
     layers, in_groups = 0, set()
@@ -191,14 +193,14 @@ def apply_lora_kernels(model: nn.Module, cfg) -> list[str]:
             qkv = cfg.lora_qkv_kernel and group("q,k,v", attn, ("q_proj", "k_proj", "v_proj"))
             o = cfg.lora_o_kernel and group("o", attn, ("o_proj",))
             if qkv or o:
-                layer.self_attn = LoRAFusedAttention(attn, qkv, o)
+                layer.self_attn = LoRAFusedAttention(attn, qkv, o, keep)
         if cfg.lora_mlp_kernel and isinstance(layer.mlp, (MistralMLP, SwiGLUMLP)):
             mlp = layer.mlp
             gate_up = group("gate,up", mlp, ("gate_proj", "up_proj"))
             down = group("down", mlp, ("down_proj",))
             if (gate_up or down) and isinstance(mlp, MistralMLP):
                 mlp = layer.mlp = SwiGLUMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
-            mlp.fuse_gate_up, mlp.fuse_down = gate_up, down
+            mlp.fuse_gate_up, mlp.fuse_down, mlp.keep_weights = gate_up, down, keep
     wanted = [k for k, on in (("q,k,v", cfg.lora_qkv_kernel), ("o", cfg.lora_o_kernel),
                               ("gate,up", cfg.lora_mlp_kernel), ("down", cfg.lora_mlp_kernel)) if on]
     notes = [f"LoRA kernels: fused {', '.join(f'{k} in {fused[k]}/{layers}' for k in wanted)} decoder layers"]

@@ -27,9 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-# Keep the dequantised base weights of a layer from its checkpoint recompute to its backward (no second
-# dequantisation). Only under checkpoint recompute (inside backward): one layer's weights at a time, for
-# Magistral Small 555.7M params × 2 B = 1.1 GB more peak memory. Off by default; bench/train_step.py --keep-weights.
+# Keep the dequantised base weights of a layer from its checkpoint recompute to its backward (no third
+# dequantisation). apply_lora_kernels honours it only with gradient checkpointing: the first forward's saved
+# tensors are dropped by the checkpoint, so only the layer being recomputed holds its weights, one layer at a time:
+# Magistral Small 555.7M params × 2 B = 1.1 GB more peak memory. (Without checkpointing every layer would keep its
+# weights: the whole model in bf16.) Off by default; measure-ready: bench/train_step.py --keep-weights.
 KEEP_DEQUANTISED_WEIGHTS = False
 
 
@@ -42,11 +44,6 @@ def base_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
         return bnbf.dequantize_4bit(w.data, state).to(dtype)
     return w.to(dtype)
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass, which is when non-reentrant checkpointing recomputes a layer."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -64,7 +61,7 @@ class LoRAGroupFunction(torch.autograd.Function):
     """y_i = x·W_iᵀ + s_i·(drop(x)·A_iᵀ)·B_iᵀ for the base layers `bases` sharing input x (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, bases, scales, p, *lora):
+    def forward(ctx, x, bases, scales, p, keep, *lora):
         dtype = compute_dtype(x)
         lead, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in).to(dtype)
@@ -76,7 +73,6 @@ class LoRAGroupFunction(torch.autograd.Function):
         a_cat = torch.cat(a_list) if len(a_list) > 1 else a_list[0]  # (Σ r_i, in)
         with torch.autocast(x.device.type, enabled=False):
             xa = xd @ a_cat.t()  # (tokens, Σ r_i): one matmul for the group
-            keep = KEEP_DEQUANTISED_WEIGHTS and _in_backward()
             outs, kept = [], []
             for i, (xa_i, b) in enumerate(zip(xa.split(ranks, dim=1), b_list)):
                 w = base_weight(bases[i], dtype)
@@ -116,7 +112,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 else:
                     dx.addcmul_(g @ a_cat, mask)  # the LoRA path's gradient through the shared mask
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, None, None, *grads)
 
 
 def lora_parts(module: nn.Module):
@@ -137,9 +133,10 @@ def lora_dropout_p(module: nn.Module, adapter: str) -> float:
     return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
 
 
-def lora_group(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+def lora_group(x: torch.Tensor, modules: tuple[nn.Module, ...], keep_weights: bool = False) -> list[torch.Tensor]:
     """[m(x) for m in modules] for PEFT LoRA linears sharing the input x: one fused Function when all of them
-    can run it with one dropout rate, else each module's own forward (same result, PEFT's way)."""
+    can run it with one dropout rate, else each module's own forward (same result, PEFT's way).
+    `keep_weights`: save the dequantised base weights for backward (see KEEP_DEQUANTISED_WEIGHTS)."""
     parts = [lora_parts(m) for m in modules]
     rates = {lora_dropout_p(m, part[1]) for m, part in zip(modules, parts) if part is not None}
     if any(part is None for part in parts) or len(rates) != 1:
@@ -149,7 +146,7 @@ def lora_group(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Te
         lora += [m.lora_A[adapter].weight, m.lora_B[adapter].weight]
     bases = tuple(base for base, _ in parts)
     scales = tuple(float(m.scaling[adapter]) for m, (_, adapter) in zip(modules, parts))
-    return list(LoRAGroupFunction.apply(x, bases, scales, rates.pop(), *lora))
+    return list(LoRAGroupFunction.apply(x, bases, scales, rates.pop(), keep_weights, *lora))
 
 
 def _mistral_attention_class():
@@ -167,13 +164,13 @@ class LoRAFusedAttention(_mistral_attention_class()):
     function (sdpa, flash, flex, magistune's varlen for packed rows; all token-wise around the projections).
     """
 
-    def __init__(self, attn: nn.Module, fuse_qkv: bool, fuse_o: bool):
+    def __init__(self, attn: nn.Module, fuse_qkv: bool, fuse_o: bool, keep_weights: bool = False):
         nn.Module.__init__(self)  # not MistralAttention.__init__: that would build new linears
         for name in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
                      "is_causal"):
             setattr(self, name, getattr(attn, name))
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.fuse_qkv, self.fuse_o = fuse_qkv, fuse_o
+        self.fuse_qkv, self.fuse_o, self.keep_weights = fuse_qkv, fuse_o, keep_weights
         self.train(attn.training)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
@@ -186,7 +183,7 @@ class LoRAFusedAttention(_mistral_attention_class()):
         hidden_shape = (*input_shape, -1, self.head_dim)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if self.fuse_qkv:
-            q, k, v = lora_group(hidden_states, projections)
+            q, k, v = lora_group(hidden_states, projections, self.keep_weights)
         else:
             q, k, v = (proj(hidden_states) for proj in projections)
         query_states = q.view(hidden_shape).transpose(1, 2)
@@ -206,5 +203,5 @@ class LoRAFusedAttention(_mistral_attention_class()):
             sliding_window=getattr(self.config, "sliding_window", None), **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = lora_group(attn_output, (self.o_proj,))[0] if self.fuse_o else self.o_proj(attn_output)
+        attn_output = lora_group(attn_output, (self.o_proj,), self.keep_weights)[0] if self.fuse_o else self.o_proj(attn_output)
         return attn_output, attn_weights
