@@ -147,7 +147,7 @@ def test_keeping_dequantised_weights_skips_the_backward_dequantisation(monkeypat
         model.zero_grad(set_to_none=True)
         torch.manual_seed(4)
         xi = x.clone().requires_grad_(True)
-        ys = checkpoint(lambda t: lora_group(t, mods, keep), xi, use_reentrant=False)
+        ys = checkpoint(lambda t, keep=keep: lora_group(t, mods, keep), xi, use_reentrant=False)
         sum(y.pow(2).sum() for y in ys).backward()
         results.append((len(calls), xi.grad, [p.grad for p in model.parameters() if p.requires_grad]))
     assert (results[0][0], results[1][0]) == (9, 6)
@@ -277,3 +277,14 @@ def test_mistral3_language_model_is_fused_and_the_vision_tower_is_not(make_cfg, 
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
     for n in grads_a:
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_generation_with_the_kv_cache_is_unchanged(make_cfg, tok):
+    """GRPO's rollouts generate with the training model: the fused attention updates the cache as MistralAttention."""
+    ids = torch.randint(100, 131072, (1, 7), generator=torch.Generator().manual_seed(1))
+    tokens = []
+    for keys in ({}, KERNELS):
+        model, _ = tiny_lora(make_cfg, tok, gradient_checkpointing=False, **keys)
+        with torch.no_grad():
+            tokens.append(model.eval().generate(input_ids=ids, max_new_tokens=8, do_sample=False, use_cache=True))
+    assert torch.equal(tokens[0], tokens[1])

@@ -5,7 +5,7 @@ dropouts of the same x, three scale passes and three adds over the outputs, all 
 at seq 2048 on Magistral Small, bench/results/profile_seq2048_2026-11-29.txt). Here the projections that share
 one input (q,k,v; gate,up; o and down alone) run as one Function:
 
-    forward   y_i = x·W_iᵀ + s'_i·((x⊙m)·A_iᵀ)·B_iᵀ        s'_i = s_i / (1-p),  m ∈ {0,1} one mask for the group
+    forward   y_i = x·W_iᵀ + s'_i·((x⊙m)·A_iᵀ)·B_iᵀ      s'_i = s_i / (1-p), m ∈ {0,1}: one mask for the group
               the x·A_iᵀ of the group are one matmul (A's stacked), the LoRA term is added by addmm into x·W_iᵀ
     backward  g_i = s'_i·dy_i·B_i                           (tokens × r: small)
               dx  = Σ_i dy_i·W_i + (Σ_i g_i·A_i) ⊙ m        (one addmm chain; with dropout one addcmul)
@@ -58,7 +58,7 @@ def dropout_mask(x2d: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class LoRAGroupFunction(torch.autograd.Function):
-    """y_i = x·W_iᵀ + s_i·(drop(x)·A_iᵀ)·B_iᵀ for the base layers `bases` sharing input x (module docstring)."""
+    """y_i = x·W_iᵀ + s_i·(drop(x)·A_iᵀ)·B_iᵀ for the base layers `bases` sharing input x (see the module)."""
 
     @staticmethod
     def forward(ctx, x, bases, scales, p, keep, *lora):
@@ -203,5 +203,7 @@ class LoRAFusedAttention(_mistral_attention_class()):
             sliding_window=getattr(self.config, "sliding_window", None), **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = lora_group(attn_output, (self.o_proj,), self.keep_weights)[0] if self.fuse_o else self.o_proj(attn_output)
+        if self.fuse_o:
+            return lora_group(attn_output, (self.o_proj,), self.keep_weights)[0], attn_weights
+        attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights
