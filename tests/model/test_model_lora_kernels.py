@@ -104,12 +104,12 @@ def test_nf4_base_is_dequantised():
 
 def reference_with_mask(model, x, p, seed=3):
     """y_i = base_i(x) + s_i · (x ⊙ m / (1-p)) A_iᵀ B_iᵀ with one mask m for the three, drawn as the kernel
-    draws it (lora_kernels.dropout_mask on x as tokens × features, after torch.manual_seed(seed))."""
+    draws it (lora_kernels.dropout on x as tokens × features, after torch.manual_seed(seed))."""
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)
-    mask = lora_kernels.dropout_mask(x.detach().reshape(-1, x.shape[-1]), p).view(x.shape)
-    assert 0 < mask.mean() < 1
+    mask = lora_kernels.dropout(x.detach().reshape(-1, x.shape[-1]), p)[1].view(x.shape).float()
+    assert 0.5 < mask.mean() < 0.9  # p = 0.3
     ys = []
     for name in ("q", "k", "v"):
         m = model.base_model.model.get_submodule(name)

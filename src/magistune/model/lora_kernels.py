@@ -5,18 +5,18 @@ dropouts of the same x, three scale passes and three adds over the outputs, all 
 at seq 2048 on Magistral Small, bench/results/profile_seq2048_2026-11-29.txt). Here the projections that share
 one input (q,k,v; gate,up; o and down alone) run as one Function:
 
-    forward   y_i = x·W_iᵀ + s'_i·((x⊙m)·A_iᵀ)·B_iᵀ      s'_i = s_i / (1-p), m ∈ {0,1}: one mask for the group
-              the x·A_iᵀ of the group are one matmul (A's stacked), the LoRA term is added by addmm into x·W_iᵀ
-    backward  g_i = s'_i·dy_i·B_i                           (tokens × r: small)
-              dx  = Σ_i dy_i·W_i + (Σ_i g_i·A_i) ⊙ m        (one addmm chain; with dropout one addcmul)
-              dA_i = g_iᵀ·(x⊙m)    dB_i = s'_i·dy_iᵀ·(x⊙m)·A_iᵀ
-    saved     x⊙m, m (with dropout), the small x·A_iᵀ; W_i is dequantised again in backward (NF4 bases:
-              bitsandbytes' dequantize_4bit), or kept from the recompute when KEEP_DEQUANTISED_WEIGHTS is set.
+    forward   y_i = x·W_iᵀ + s_i·(d·A_iᵀ)·B_iᵀ     d = x⊙m/(1-p), m: ONE dropout mask for the group (one kernel)
+              the d·A_iᵀ of the group are one matmul (A's stacked), the LoRA term is added by addmm into x·W_iᵀ
+    backward  g_i = s_i·dy_i·B_i                        (tokens × r: small)
+              dx  = Σ_i dy_i·W_i + (Σ_i g_i·A_i) ⊙ m/(1-p)   (one addmm chain; with dropout one addcmul)
+              dA_i = g_iᵀ·d    dB_i = s_i·dy_iᵀ·(d·A_iᵀ)    (the A's in one matmul)
+    saved     d (x itself without dropout), m as bool, the small d·A_iᵀ; W_i is dequantised again in backward (NF4
+              bases: bitsandbytes' dequantize_4bit), or kept from the recompute when KEEP_DEQUANTISED_WEIGHTS is set.
 
 Dropout: PEFT draws one mask per projection; here q, k and v (and gate, up) share one mask. Each projection's
 LoRA input is still x with each feature zeroed independently with probability p and the rest scaled by 1/(1-p),
 so every projection's update has the same distribution; only the masks of the group are now the same draw
-(correlated across q/k/v rather than independent). The 1/(1-p) is folded into the LoRA scale, so x⊙m is exact.
+(correlated across q/k/v rather than independent).
 
 Precision: under autocast everything runs in the autocast dtype (bf16 on the GPU), as PEFT's layers do under
 autocast; without autocast in x's dtype. LoRA gradients are returned in the LoRA weights' dtype (fp32).
@@ -52,9 +52,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def dropout_mask(x2d: torch.Tensor, p: float) -> torch.Tensor:
-    """The group's one dropout mask, 0/1 in x2d's dtype (exact), kept with probability 1 - p."""
-    return torch.empty_like(x2d).bernoulli_(1.0 - p)
+def dropout(x2d: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x⊙m/(1-p), m): the group's one dropout mask m (bool, kept with probability 1-p), one kernel."""
+    return torch.native_dropout(x2d, p, True)
 
 
 class LoRAGroupFunction(torch.autograd.Function):
@@ -67,9 +67,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         x2 = x.reshape(-1, d_in).to(dtype)
         a_list, b_list = [t.to(dtype) for t in lora[0::2]], [t.to(dtype) for t in lora[1::2]]
         ranks = [a.shape[0] for a in a_list]
-        mask = dropout_mask(x2, p) if p > 0 else None
-        xd = x2 * mask if mask is not None else x2
-        s_eff = [s / (1.0 - p) for s in scales]
+        xd, mask = dropout(x2, p) if p > 0 else (x2, None)
         a_cat = torch.cat(a_list) if len(a_list) > 1 else a_list[0]  # (Σ r_i, in)
         with torch.autocast(x.device.type, enabled=False):
             xa = xd @ a_cat.t()  # (tokens, Σ r_i): one matmul for the group
@@ -77,12 +75,12 @@ class LoRAGroupFunction(torch.autograd.Function):
             for i, (xa_i, b) in enumerate(zip(xa.split(ranks, dim=1), b_list)):
                 w = base_weight(bases[i], dtype)
                 y = x2 @ w.t()
-                y.addmm_(xa_i, b.t(), alpha=s_eff[i])  # the LoRA term lands in the base output: no extra pass
+                y.addmm_(xa_i, b.t(), alpha=scales[i])  # the LoRA term lands in the base output: no extra pass
                 outs.append(y.view(*lead, y.shape[-1]))
                 if keep:
                     kept.append(w)
         ctx.save_for_backward(xd, mask, xa, *b_list, a_cat, *kept)
-        ctx.bases, ctx.s_eff, ctx.ranks, ctx.dtype, ctx.kept = bases, s_eff, ranks, dtype, bool(kept)
+        ctx.bases, ctx.scales, ctx.p, ctx.ranks, ctx.dtype, ctx.kept = bases, scales, p, ranks, dtype, bool(kept)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.lora_dtypes = [t.dtype for t in lora]
         return tuple(outs)
@@ -96,11 +94,11 @@ class LoRAGroupFunction(torch.autograd.Function):
         with torch.autocast(xd.device.type, enabled=False):
             dy = [(d if d is not None else torch.zeros(xd.shape[0], b.shape[0], device=xd.device))
                   .reshape(-1, b.shape[0]).to(dtype) for d, b in zip(dys, b_list)]
-            g = torch.cat([d @ (b * s) for d, b, s in zip(dy, b_list, ctx.s_eff)], dim=1)  # (tokens, Σ r_i)
+            g = torch.cat([d @ (b * s) for d, b, s in zip(dy, b_list, ctx.scales)], dim=1)  # (tokens, Σ r_i)
             grads = []
             d_a_cat = g.t() @ xd  # (Σ r_i, in): one matmul for the group's A gradients
             for i, (d_a, xa_i) in enumerate(zip(d_a_cat.split(ctx.ranks), xa.split(ctx.ranks, dim=1))):
-                d_b = dy[i].t() @ (xa_i * ctx.s_eff[i])  # (out, r)
+                d_b = dy[i].t() @ (xa_i * ctx.scales[i])  # (out, r)
                 grads += [d_a.to(ctx.lora_dtypes[2 * i]), d_b.to(ctx.lora_dtypes[2 * i + 1])]
             dx = None
             if ctx.needs_input_grad[0]:
@@ -110,7 +108,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 if mask is None:
                     dx.addmm_(g, a_cat)
                 else:
-                    dx.addcmul_(g @ a_cat, mask)  # the LoRA path's gradient through the shared mask
+                    dx.addcmul_(g @ a_cat, mask, value=1.0 / (1.0 - ctx.p))  # through the shared mask
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, None, None, *grads)
 
