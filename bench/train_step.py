@@ -17,6 +17,9 @@ Options of the magistune side (the issue "Throughput and memory"):
                       packing efficiency
     --cce             Cut Cross Entropy for the loss (fails if it cannot run, rather than falling back)
     --offload         activation offloading: the checkpointed layer inputs wait in pinned CPU memory
+    --kernels         lora_qkv_kernel + lora_o_kernel + lora_mlp_kernel: the fused LoRA Function (lora_kernels.py)
+    --keep-weights    with --kernels: keep each layer's dequantised weights from its recompute to its backward
+                      (lora_kernels.KEEP_DEQUANTISED_WEIGHTS; +1.1 GB peak on Magistral Small)
 One JSON line per run goes to --out (appended). Run each configuration in its own process so that peak
 memory is its own: bench/run_gpu.sh does that, then bench/report.py writes the table.
 """
@@ -58,6 +61,7 @@ def config_for(args) -> "object":
         "attn_implementation": args.attn, "sample_packing": args.packing, "cut_cross_entropy": args.cce,
         "activation_offloading": args.offload, "liger_rms_norm": args.liger, "liger_glu_activation": args.liger,
         "tiled_mlp": args.tiled_mlp > 0, "tiled_mlp_num_shards": args.tiled_mlp or None,
+        "lora_qkv_kernel": args.kernels, "lora_o_kernel": args.kernels, "lora_mlp_kernel": args.kernels,
     }
     return parse_config(raw)[0]
 
@@ -167,6 +171,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (both sides)")
     p.add_argument("--liger", action="store_true", help="liger_rms_norm + liger_glu_activation (magistune side)")
     p.add_argument("--tiled-mlp", type=int, default=0, help="tiled_mlp with this many shards (magistune side)")
+    p.add_argument("--kernels", action="store_true", help="the fused LoRA kernels, Axolotl's three keys (magistune side)")
+    p.add_argument("--keep-weights", action="store_true", help="--kernels: dequantised weights kept for backward")
     p.add_argument("--compile", action="store_true", help="experiment: torch.compile each decoder layer")
     p.add_argument("--no-ckpt", type=int, default=0, help="experiment: this many layers run without checkpointing")
     p.add_argument("--profile", default=None, help="write torch.profiler's top CUDA ops of the timed steps here")
@@ -174,9 +180,12 @@ def main() -> None:
                    "here (bench/memory_peak.py, from torch's allocator history)")
     p.add_argument("--out", default="bench_train_step.jsonl")
     args = p.parse_args()
-    if (args.packing or args.random_lengths or args.cce or args.offload or args.liger or args.tiled_mlp) \
-            and args.side != "magistune":
-        p.error("--packing, --random-lengths, --cce, --offload, --liger and --tiled-mlp are options of --side magistune")
+    if (args.packing or args.random_lengths or args.cce or args.offload or args.liger or args.tiled_mlp
+            or args.kernels) and args.side != "magistune":
+        p.error("--packing, --random-lengths, --cce, --offload, --liger, --tiled-mlp and --kernels are options of "
+                "--side magistune")
+    if args.keep_weights and not args.kernels:
+        p.error("--keep-weights is an option of --kernels")
     if args.vision and (args.packing or args.random_lengths):
         p.error("--vision uses one fixed image conversation; it does not combine with --packing/--random-lengths")
 
@@ -203,6 +212,12 @@ def main() -> None:
             print("note:", note)
         model = apply_lora(model, cfg)
         enable_checkpointing(model)
+        from magistune.model import lora_kernels
+        from magistune.model.fused import apply_lora_kernels
+
+        lora_kernels.KEEP_DEQUANTISED_WEIGHTS = args.keep_weights
+        for note in apply_lora_kernels(model, cfg):
+            print("note:", note)
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -301,7 +316,8 @@ def main() -> None:
         "packing_efficiency": round(BATCH_STATS["efficiency"], 4) if args.packing else None,
         "padding_share": round(BATCH_STATS["padding"], 4) if args.random_lengths and not args.packing else None,
         "cce": args.cce, "offload": args.offload, "dropout": args.dropout, "liger": args.liger,
-        "compile": args.compile, "tiled_mlp": args.tiled_mlp, "no_ckpt": args.no_ckpt, "profiled": bool(args.profile),
+        "compile": args.compile, "tiled_mlp": args.tiled_mlp,
+        "kernels": args.kernels, "keep_weights": args.keep_weights, "no_ckpt": args.no_ckpt, "profiled": bool(args.profile),
         "steps": args.steps, "tokens_per_s": round(tokens / seconds, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "weights_gib": round(info.weight_bytes / 2**30, 2), "build_s": round(build_s, 1),

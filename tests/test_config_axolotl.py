@@ -51,8 +51,7 @@ def test_tokenizer_use_mistral_common_false_is_an_error():
     assert "tokenizer_use_mistral_common: false is not supported" in error(tokenizer_use_mistral_common=False)
 
 
-@pytest.mark.parametrize("key", ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "processor_type",
-                                 "skip_prepare_dataset", "remove_unused_columns", "dataset_num_proc"])
+@pytest.mark.parametrize("key", ["processor_type", "skip_prepare_dataset", "remove_unused_columns", "dataset_num_proc"])
 def test_example_keys_are_accepted_with_a_note(key):
     _, notes = parse(**{key: True})
     assert any(n.startswith(f"{key}: ignored (") for n in notes)

@@ -26,7 +26,7 @@ def test_each_example_loads_unchanged(name):
 def test_empty_values_mean_axolotls_defaults():
     cfg, notes = load_config(EXAMPLES / "mistral-medium-3_5-qlora-text.yml")
     assert cfg.output_dir == "./model-out" and "output_dir: empty: Axolotl's default ./model-out" in notes
-    assert any(n.startswith("lora_mlp_kernel: ignored (the fused LoRA kernels") for n in notes)
+    assert cfg.lora_mlp_kernel and cfg.lora_qkv_kernel and cfg.lora_o_kernel  # the fused LoRA kernels (issue 16)
     cfg, notes = load_config(EXAMPLES / "magistral-small-fsdp-qlora.yaml")  # `gradient_checkpointing:` empty …
     assert cfg.gradient_checkpointing and cfg.fsdp  # … and fsdp_activation_checkpointing: true
     cfg, notes = load_config(EXAMPLES / "magistral-small-vision-24B-qlora.yml")

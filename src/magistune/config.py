@@ -205,6 +205,9 @@ class Config(_Strict):
     tiled_mlp_num_shards: int | None = Field(default=None, ge=2)  # default ceil(sequence_len / hidden_size)
     liger_glu_activation: bool = False  # SiLU(gate)·up in liger's Triton kernel (CUDA)
     liger_rms_norm: bool = False  # RMSNorm in liger's Triton kernel (CUDA)
+    lora_qkv_kernel: bool = False  # LoRA q,k,v as one fused autograd Function (model/lora_kernels.py)
+    lora_o_kernel: bool = False  # LoRA o_proj through the same Function
+    lora_mlp_kernel: bool = False  # LoRA gate,up (one Function) and down
 
     # --- preference tuning (issue 13): TRL's meanings and defaults, Axolotl's key names ---------
     rl: Literal["dpo", "ipo", "orpo", "simpo", "kto", "grpo"] | None = None  # None: supervised fine-tuning
@@ -324,7 +327,21 @@ class Config(_Strict):
         if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
             raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
                              "drop them, or use ddp: true")
+        self._check_lora_kernels()
         return self
+
+    def _check_lora_kernels(self) -> None:
+        keys = [k for k in ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel") if getattr(self, k)]
+        if not keys:
+            return
+        if not self.adapter:
+            raise ValueError(f"{keys[0]}: the fused LoRA kernels need adapter: lora or qlora")
+        if self.peft_use_dora:
+            raise ValueError(f"{keys[0]}: the fused LoRA kernels compute plain LoRA, not DoRA; "
+                             "set peft_use_dora: false or the kernel keys to false")
+        if self.fsdp:
+            raise ValueError(f"{keys[0]}: the fused LoRA kernels are not wired into the FSDP2 model build yet; "
+                             "drop them, or use ddp: true")
 
     def _check_grpo(self) -> None:
         """rl: grpo trains on its own completions: the SFT label options mean nothing, and `trl:` belongs to it."""

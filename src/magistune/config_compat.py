@@ -22,8 +22,6 @@ ACCEPTED_NOOP_KEYS: dict[str, str] = {
     "skip_prepare_dataset": "samples are always tokenised ahead and cached (images included); that is fast here",
     "remove_unused_columns": "records are read whole; only the messages and tools fields are used",
     "dataset_num_proc": "tokenising is one process (1,000 conversations take 3-4 s)",
-    **{k: "the fused LoRA kernels are not wired in yet; LoRA runs through PEFT's layers (same result, slower)"
-       for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")},
 }
 
 # Axolotl keys accepted when they hold Axolotl's default, which is what magistune does; other values are an error.

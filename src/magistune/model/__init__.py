@@ -4,7 +4,7 @@
     print(format_model_info(info))
 
 is resolve_model_dir (model_files/) -> load_model (or empty_model: on the meta device) -> adapt_model (fused parts,
-then load_adapter | apply_lora | full fine-tuning), each usable alone.
+then load_adapter | apply_lora | full fine-tuning, then the fused LoRA kernels), each usable alone.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from magistune.config import Config
 from magistune.model.adapt import (
     apply_lora, enable_checkpointing, freeze_vision, load_adapter, lora_target_regex, save_trained,
 )
-from magistune.model.fused import apply_fused_parts
+from magistune.model.fused import apply_fused_parts, apply_lora_kernels
 from magistune.model.load import (
     ModelError,
     ModelInfo,
@@ -67,6 +67,7 @@ def adapt_model(model: nn.Module, cfg: Config, device: torch.device,
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         freeze_vision(model, cfg)
+    notes += apply_lora_kernels(model, cfg)  # after PEFT wrapped the linears (adapters only)
     return model, notes
 
 
