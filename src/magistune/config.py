@@ -205,6 +205,7 @@ class Config(_Strict):
     tiled_mlp_num_shards: int | None = Field(default=None, ge=2)  # default ceil(sequence_len / hidden_size)
     liger_glu_activation: bool = False  # SiLU(gate)·up in liger's Triton kernel (CUDA)
     liger_rms_norm: bool = False  # RMSNorm in liger's Triton kernel (CUDA)
+    base_fp8: bool = False  # LoRA/QLoRA: the frozen base's products in FP8 (e4m3, rowwise scales; GPUs >= sm 8.9)
 
     # --- preference tuning (issue 13): TRL's meanings and defaults, Axolotl's key names ---------
     rl: Literal["dpo", "ipo", "orpo", "simpo", "kto", "grpo"] | None = None  # None: supervised fine-tuning
@@ -321,6 +322,11 @@ class Config(_Strict):
             self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
         self._check_preference()
         self._check_grpo()
+        if self.base_fp8 and not self.adapter:
+            raise ValueError("base_fp8 multiplies the frozen base weights in FP8 and gives them no gradient; "
+                             "it needs adapter: lora or qlora")
+        if self.base_fp8 and self.fsdp:
+            raise ValueError("base_fp8 is not wired into the FSDP2 model build yet; drop it, or use ddp: true")
         if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
             raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
                              "drop them, or use ddp: true")
