@@ -129,6 +129,8 @@ def test_base_fp8_swaps_decoder_linears_keeping_names_and_state(text_dir, tok, m
                 if "lora_B" in n:  # B = 0 at the start would leave lora_A without gradient
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
         if fp8:
+            with pytest.raises(ModelError, match="before LoRA wraps"):
+                apply_base_fp8(model, cfg, CPU)
             base = model.get_base_model().model.layers[0].mlp.down_proj.base_layer
             assert type(base).__name__.startswith("FP8Linear")  # PEFT wrapped the swapped module as its base
         results.append(loss_and_lora_grads(model, input_ids))

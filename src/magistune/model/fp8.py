@@ -188,6 +188,10 @@ def apply_base_fp8(model: nn.Module, cfg, device: torch.device) -> list[str]:
     why = fp8_unusable(device)
     if why:
         raise ModelError(f"base_fp8: {why}; remove base_fp8")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):  # its lora_A / lora_B are trained nn.Linear
+        raise ModelError("base_fp8: apply it before LoRA wraps the linears (the adapters' own linears train)")
     prefix = decoder_prefix(model)
     swapped, kept = 0, []
     linear4bit = None
