@@ -17,6 +17,8 @@ Options of the magistune side (the issue "Throughput and memory"):
                       packing efficiency
     --cce             Cut Cross Entropy for the loss (fails if it cannot run, rather than falling back)
     --offload         activation offloading: the checkpointed layer inputs wait in pinned CPU memory
+    --fp8             base_fp8: the frozen NF4 base's products in FP8 (e4m3, rowwise scales; model/fp8.py),
+                      --fp8-grad e5m2 for dy in e5m2; accuracy: bench/fp8_accuracy.py
 One JSON line per run goes to --out (appended). Run each configuration in its own process so that peak
 memory is its own: bench/run_gpu.sh does that, then bench/report.py writes the table.
 """
@@ -43,7 +45,7 @@ def config_for(args) -> "object":
         "optimizer": "adamw_bnb_8bit", "learning_rate": 2e-4, "bf16": True, "gradient_checkpointing": True,
         "attn_implementation": args.attn, "sample_packing": args.packing, "cut_cross_entropy": args.cce,
         "activation_offloading": args.offload, "liger_rms_norm": args.liger, "liger_glu_activation": args.liger,
-        "tiled_mlp": args.tiled_mlp > 0, "tiled_mlp_num_shards": args.tiled_mlp or None,
+        "tiled_mlp": args.tiled_mlp > 0, "tiled_mlp_num_shards": args.tiled_mlp or None, "base_fp8": args.fp8,
     }
     return parse_config(raw)[0]
 
@@ -153,14 +155,16 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (both sides)")
     p.add_argument("--liger", action="store_true", help="liger_rms_norm + liger_glu_activation (magistune side)")
     p.add_argument("--tiled-mlp", type=int, default=0, help="tiled_mlp with this many shards (magistune side)")
+    p.add_argument("--fp8", action="store_true", help="base_fp8: the frozen base's products in FP8 (magistune side)")
+    p.add_argument("--fp8-grad", choices=["e4m3", "e5m2"], default="e4m3", help="--fp8: dy's format in backward")
     p.add_argument("--compile", action="store_true", help="experiment: torch.compile each decoder layer")
     p.add_argument("--no-ckpt", type=int, default=0, help="experiment: this many layers run without checkpointing")
     p.add_argument("--profile", default=None, help="write torch.profiler's top CUDA ops of the timed steps here")
     p.add_argument("--out", default="bench_train_step.jsonl")
     args = p.parse_args()
-    if (args.packing or args.random_lengths or args.cce or args.offload or args.liger or args.tiled_mlp) \
+    if (args.packing or args.random_lengths or args.cce or args.offload or args.liger or args.tiled_mlp or args.fp8) \
             and args.side != "magistune":
-        p.error("--packing, --random-lengths, --cce, --offload, --liger and --tiled-mlp are options of --side magistune")
+        p.error("--packing, --random-lengths, --cce, --offload, --liger, --tiled-mlp and --fp8 are options of --side magistune")
     if args.vision and (args.packing or args.random_lengths):
         p.error("--vision uses one fixed image conversation; it does not combine with --packing/--random-lengths")
 
@@ -183,7 +187,10 @@ def main() -> None:
     if args.side == "magistune":
         from magistune.model.fused import apply_fused_parts
 
-        for note in apply_fused_parts(model, cfg, device):
+        import magistune.model.fp8 as fp8
+
+        fp8.GRAD_DTYPE = fp8.E5M2 if args.fp8_grad == "e5m2" else fp8.E4M3
+        for note in apply_fused_parts(model, cfg, device) + fp8.apply_base_fp8(model, cfg, device):
             print("note:", note)
         model = apply_lora(model, cfg)
         enable_checkpointing(model)
@@ -277,6 +284,7 @@ def main() -> None:
         "packing_efficiency": round(BATCH_STATS["efficiency"], 4) if args.packing else None,
         "padding_share": round(BATCH_STATS["padding"], 4) if args.random_lengths and not args.packing else None,
         "cce": args.cce, "offload": args.offload, "dropout": args.dropout, "liger": args.liger,
+        "fp8": args.fp8_grad if args.fp8 else None,
         "compile": args.compile, "tiled_mlp": args.tiled_mlp, "no_ckpt": args.no_ckpt, "profiled": bool(args.profile),
         "steps": args.steps, "tokens_per_s": round(tokens / seconds, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
