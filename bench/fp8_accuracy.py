@@ -15,9 +15,12 @@ JSON (--out, also printed):
     loss          per step for each path; rel_diff_pct = |fp8 − bf16| / bf16 × 100: max, mean, last; within_0.5pct;
                   loss_drop: first − last loss of each path, and how far fp8's is from bf16's (%)
     matmul        per projection at M = seq × mbs tokens, ms (median of --reps): bf16 x·Wᵀ, fp8_forward (x and W
-                  quantised in it), the FP8 product alone, W's quantisation alone, NF4 dequantisation; dy·W and
+                  quantised in it), the FP8 product alone (and with use_fast_accum, its relative error), W's
+                  quantisation alone, NF4 dequantisation; dy·W and
                   fp8_input_grad likewise — where the time of the FP8 path goes, and the FP8/bf16 product ratio
-A path that cannot run (e.g. e5m2 refused by torch._scaled_mm's rowwise kernel) records its error.
+"bf16-repeat" runs the bf16 path again: its differences are the run-to-run floor (nondeterministic kernels).
+A path that cannot run (e.g. e5m2 refused by torch._scaled_mm's rowwise kernel) records its error. The paths'
+seconds include the first compilation of the quantisation kernel: for throughput, bench/train_step.py --fp8.
 """
 
 from __future__ import annotations
@@ -162,6 +165,8 @@ def matmul_times(model, args, device) -> list[dict]:
             "fp8_fwd": timed(lambda: fp8_forward(x, w), args.reps, device),
             "fp8_gemm_only": timed(lambda: torch._scaled_mm(x8, w8.t(), sx, sw.t(), out_dtype=torch.bfloat16),
                                    args.reps, device),
+            "fp8_gemm_fast_accum": timed(lambda: torch._scaled_mm(x8, w8.t(), sx, sw.t(), out_dtype=torch.bfloat16,
+                                                                  use_fast_accum=True), args.reps, device),
             "quantise_w": timed(lambda: quantise_rows(w), args.reps, device),
             "dequantise_nf4": timed(lambda: dequantize_4bit(q, q.quant_state), args.reps, device),
             "bf16_dgrad": timed(lambda: dy @ w, args.reps, device),
@@ -169,6 +174,9 @@ def matmul_times(model, args, device) -> list[dict]:
         }
         flop = 2 * m * n * k
         t["fp8_fwd_over_bf16"] = round(t["fp8_fwd"] / t["bf16_fwd"], 3)
+        exact = torch._scaled_mm(x8, w8.t(), sx, sw.t(), out_dtype=torch.float32)
+        fast = torch._scaled_mm(x8, w8.t(), sx, sw.t(), out_dtype=torch.bfloat16, use_fast_accum=True)
+        t["fast_accum_rel_err"] = round(float((fast.float() - exact).norm() / exact.norm()), 6)  # vs fp32 accumulate
         t["gemm_tflops"] = {"bf16": round(flop / t["bf16_fwd"] / 1e9, 1), "fp8": round(flop / t["fp8_gemm_only"] / 1e9, 1)}
         rows.append({"proj": name.removesuffix(".base_layer").rsplit(".", 1)[-1], "m": m, "n": n, "k": k, "ms": t})
     return rows
@@ -217,7 +225,7 @@ def main() -> None:
         batches.append(Batch(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids),
                              sources=["random"] * args.mbs).to(device))
 
-    paths = {"bf16": None} | {f"fp8-{d}": DTYPES[d] for d in args.grad_dtypes.split(",") if d}
+    paths = {"bf16": None, "bf16-repeat": None} | {f"fp8-{d}": DTYPES[d] for d in args.grad_dtypes.split(",") if d}
     runs, result = {}, {"paths": {}}
     for name, grad_dtype in paths.items():
         n = set_base_fp8(model, grad_dtype is not None)
