@@ -16,8 +16,9 @@ JSON (--out, also printed):
                   loss_drop: first − last loss of each path, and how far fp8's is from bf16's (%)
     matmul        per projection at M = seq × mbs tokens, ms (median of --reps): bf16 x·Wᵀ, fp8_forward (x and W
                   quantised in it), the FP8 product alone (and with use_fast_accum, its relative error), W's
-                  quantisation alone, NF4 dequantisation; dy·W and
-                  fp8_input_grad likewise — where the time of the FP8 path goes, and the FP8/bf16 product ratio
+                  quantisation alone, NF4 dequantisation; dy·W and fp8_input_grad likewise; nf4_to_fp8 alone; and
+                  one linear's pass from its NF4 weight, bitsandbytes' (dequantise + bf16 product) against
+                  base_fp8's (nf4_to_fp8 + FP8 product): base_fp8_over_bnb, forward and input gradient
 "bf16-repeat" runs the bf16 path again: its differences are the run-to-run floor (nondeterministic kernels).
 A path that cannot run (e.g. e5m2 refused by torch._scaled_mm's rowwise kernel) records its error. The paths'
 seconds include the first compilation of the quantisation kernel: for throughput, bench/train_step.py --fp8.
@@ -146,7 +147,7 @@ def matmul_times(model, args, device) -> list[dict]:
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
 
-    from magistune.model.fp8 import fp8_forward, fp8_input_grad, quantise_rows
+    from magistune.model.fp8 import fp8_forward, fp8_input_grad, nf4_to_fp8, quantise_rows
 
     rows, m = [], args.seq * args.mbs
     layer = [mod for mod in model.modules() if type(mod).__name__ == "MistralDecoderLayer"][0]
@@ -171,7 +172,16 @@ def matmul_times(model, args, device) -> list[dict]:
             "dequantise_nf4": timed(lambda: dequantize_4bit(q, q.quant_state), args.reps, device),
             "bf16_dgrad": timed(lambda: dy @ w, args.reps, device),
             "fp8_dgrad": timed(lambda: fp8_input_grad(dy, w), args.reps, device),
+            # what one linear costs per pass, from the NF4 weight: bitsandbytes' path against base_fp8's
+            "nf4_to_fp8_rows": timed(lambda: nf4_to_fp8(q, q.quant_state, "rows"), args.reps, device),
+            "nf4_to_fp8_cols": timed(lambda: nf4_to_fp8(q, q.quant_state, "cols"), args.reps, device),
+            "bnb_fwd": timed(lambda: x @ dequantize_4bit(q, q.quant_state).t(), args.reps, device),
+            "base_fp8_fwd": timed(lambda: fp8_forward(x, nf4_to_fp8(q, q.quant_state, "rows")), args.reps, device),
+            "bnb_dgrad": timed(lambda: dy @ dequantize_4bit(q, q.quant_state), args.reps, device),
+            "base_fp8_dgrad": timed(lambda: fp8_input_grad(dy, nf4_to_fp8(q, q.quant_state, "cols")), args.reps, device),
         }
+        t["base_fp8_over_bnb"] = {"fwd": round(t["base_fp8_fwd"] / t["bnb_fwd"], 3),
+                                  "dgrad": round(t["base_fp8_dgrad"] / t["bnb_dgrad"], 3)}
         flop = 2 * m * n * k
         t["fp8_fwd_over_bf16"] = round(t["fp8_fwd"] / t["bf16_fwd"], 3)
         exact = torch._scaled_mm(x8, w8.t(), sx, sw.t(), out_dtype=torch.float32)

@@ -1,5 +1,6 @@
 """model/fp8.py on an FP8 GPU: torch._scaled_mm's rowwise products against the formula and against bf16, on
-Magistral Small's projection shapes; the NF4 base layer's FP8 forward/backward; base_fp8 through build_model.
+Magistral Small's projection shapes; the compiled NF4 → FP8 kernel against its eager form; the NF4 base layer's
+FP8 forward/backward against bitsandbytes'; base_fp8 through build_model.
 
 Tolerances (stated, and measured the same on the CPU reference kernel): e4m3 keeps 3 mantissa bits, so each
 operand carries a relative rounding error of ~2.6% rms, and a product of two of them ~3.7% (relative Frobenius
@@ -79,6 +80,23 @@ def test_fp8_products_are_within_the_stated_bounds_of_bf16(proj, grad):
         pytest.skip(f"torch._scaled_mm refuses dy in {grad} here: {str(e).splitlines()[0][:200]}")
     max_rel, min_cos = BOUNDS[grad]
     assert rel(dx, dy @ w) <= max_rel and cos(dx, dy @ w) >= min_cos
+
+
+@pytest.mark.parametrize("proj", ["o_proj", "gate_proj", "down_proj"])
+def test_compiled_nf4_to_fp8_matches_the_eager_one(proj):
+    from bitsandbytes.functional import dequantize_blockwise, quantize_4bit
+
+    from magistune.model.fp8 import _nf4_to_fp8_eager, nf4_to_fp8
+
+    n, k = SHAPES[proj]
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    absmax = (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    for layout in ("rows", "cols"):
+        w8, scale = nf4_to_fp8(packed, state, layout)  # torch.compile's kernel
+        e8, e_scale = _nf4_to_fp8_eager(packed, absmax, state.code.float(), n, k, layout == "cols")
+        assert w8.shape == e8.shape and w8.is_contiguous() and torch.equal(scale, e_scale)
+        assert rel(w8.float() * scale, e8.float() * e_scale) < 1e-3  # a division may round differently
 
 
 def test_nf4_base_layer_in_fp8_follows_bitsandbytes_forward_and_backward():

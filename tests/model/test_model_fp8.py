@@ -157,3 +157,53 @@ def test_build_model_applies_base_fp8_before_lora(tok, make_cfg):
 def test_base_fp8_combinations_that_cannot_work_are_refused(keys, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({"base_model": "tiny-random", "datasets": [{"path": "x.jsonl"}], **keys})
+
+
+def nf4(n: int, k: int, nested: bool):
+    from bitsandbytes.functional import quantize_4bit
+
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    w[3, 70] = 0.5  # one large value: its block's absmax, and row 3's / column 70's amax
+    return quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_nf4_to_fp8_reads_bitsandbytes_layout_and_scales_from_block_absmax(nested):
+    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise
+
+    from magistune.model.fp8 import _nf4_values, nf4_to_fp8
+
+    packed, state = nf4(96, 256, nested)
+    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
+    exact = torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax.float(), state.blocksize, "nf4",
+                                                            state.shape, torch.float32)
+    assert torch.equal(_nf4_values(packed, absmax.float(), state.code, 96, 256), exact)  # code · absmax, bitwise
+    w = dequantize_4bit(packed, state).float()  # what bitsandbytes' own path multiplies with (bf16)
+    w8, scale = nf4_to_fp8(packed, state, "rows")
+    assert w8.shape == (96, 256) and w8.dtype == E4M3 and scale.shape == (96, 1)
+    torch.testing.assert_close(scale * 448, w.abs().amax(dim=1, keepdim=True), rtol=2 ** -8, atol=0)  # exact amax
+    assert float(rel_err(w8.float() * scale, w)) < 0.045
+    wt8, scale_t = nf4_to_fp8(packed, state, "cols")
+    assert wt8.shape == (256, 96) and wt8.is_contiguous() and scale_t.shape == (256, 1)
+    col_amax = w.abs().amax(dim=0)[:, None]
+    assert torch.all(scale_t * 448 >= col_amax * (1 - 2 ** -8))  # an upper bound: nothing saturates
+    assert float(scale_t[70] * 448) == pytest.approx(float(col_amax[70]), rel=2 ** -8)
+    assert float(rel_err(wt8.float() * scale_t, w.t())) < 0.045
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).norm() / b.norm()
+
+
+def test_fp8_products_from_nf4_match_those_from_the_dequantised_weight():
+    from bitsandbytes.functional import dequantize_4bit
+
+    from magistune.model.fp8 import nf4_to_fp8
+
+    packed, state = nf4(96, 256, True)
+    w = dequantize_4bit(packed, state)
+    g = torch.Generator().manual_seed(6)
+    x, dy = torch.randn(40, 256, generator=g).to(torch.bfloat16), torch.randn(40, 96, generator=g).to(torch.bfloat16)
+    assert cosine(fp8_forward(x, nf4_to_fp8(packed, state, "rows")), fp8_forward(x, w)) > 0.999
+    assert cosine(fp8_input_grad(dy, nf4_to_fp8(packed, state, "cols")), fp8_input_grad(dy, w)) > 0.999
+    assert cosine(fp8_forward(x, nf4_to_fp8(packed, state, "rows")), x.float() @ w.float().t()) > 0.999

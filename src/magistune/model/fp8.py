@@ -19,11 +19,13 @@ API (also for fused LoRA functions that dequantise W themselves):
     fp8_forward(x, w)       y = x·wᵀ in FP8, no autograd          x (..., K) ; w (N, K) bf16 → (..., N) bf16
     fp8_input_grad(dy, w)   dx = dy·w in FP8, no autograd         dy (..., N); w (N, K)     → (..., K) bf16
     fp8_matmul(x, w)        y = x·wᵀ with autograd: dx through fp8_input_grad, no gradient for w (saves w)
+    nf4_to_fp8(q, state, layout)  a bitsandbytes NF4 weight straight to the FP8 operand (and scales) that
+                            fp8_forward ("rows") or fp8_input_grad ("cols") take in place of w
 
-Where the base weight comes from: bitsandbytes' Linear4bit (QLoRA) dequantises NF4 to bf16 in forward and again
-in backward (nothing but the packed weight is kept between them, as bitsandbytes does); a plain nn.Linear (LoRA)
-uses its weight. A fused NF4 → FP8 dequantisation (one pass, no bf16 copy of W) is the next step; the per-channel
-scales of W could also be computed once, the base being frozen.
+Where the base weight comes from: for bitsandbytes' Linear4bit (QLoRA), nf4_to_fp8 turns the packed NF4 weight
+into the FP8 operand in one pass (code · block absmax / scale, no bf16 copy), in forward and again in backward
+(nothing but the packed weight is kept between them, as bitsandbytes does); its scales come from the block absmax
+(exact per row, an upper bound per column). A plain nn.Linear (LoRA) quantises its bf16 weight.
 
 The swap (apply_base_fp8) changes the class of each decoder Linear4bit / nn.Linear to a subclass whose forward is
 the FP8 one: same object, same parameters, same state dict and names, and isinstance(…, Linear4bit) still holds,
@@ -72,25 +74,27 @@ def _check_shape(k: int, n: int, what: str) -> None:
         raise ValueError(f"{what}: FP8 products need both weight dimensions divisible by 16, got {n} x {k}")
 
 
-def fp8_forward(x: torch.Tensor, w: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
-    """y = x·wᵀ with x quantised per token and w per output channel. Returns bf16 of shape (..., N)."""
-    n, k = w.shape
+def fp8_forward(x: torch.Tensor, w, fast_accum: bool = False) -> torch.Tensor:
+    """y = x·wᵀ with x quantised per token and w per output channel. Returns bf16 of shape (..., N).
+    w: the bf16 (N, K) weight, or the pair (w8 (N, K), scale (N, 1)) that nf4_to_fp8(…, "rows") gives."""
+    w8, sw = w if isinstance(w, tuple) else quantise_rows(w)  # (N, K) row-major: its .t() is column-major
+    n, k = w8.shape
     _check_shape(k, n, "fp8_forward")
     x2 = x.reshape(-1, k)
     x8, sx = quantise_rows(x2)
     x8 = x8.contiguous()  # row-major (a no-op unless x was a permuted view)
-    w8, sw = quantise_rows(w)  # (N, K) row-major: its transpose is the column-major (K, N) operand
     y = torch._scaled_mm(x8, w8.t(), sx, sw.t(), out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
     return y.reshape(*x.shape[:-1], n)
 
 
-def fp8_input_grad(dy: torch.Tensor, w: torch.Tensor, grad_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """dx = dy·w with dy quantised per token (GRAD_DTYPE) and w per input channel. Returns bf16 (..., K)."""
-    n, k = w.shape
+def fp8_input_grad(dy: torch.Tensor, w, grad_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dx = dy·w with dy quantised per token (GRAD_DTYPE) and w per input channel. Returns bf16 (..., K).
+    w: the bf16 (N, K) weight, or the pair (wᵀ8 (K, N), scale (K, 1)) that nf4_to_fp8(…, "cols") gives."""
+    wt8, sw = w if isinstance(w, tuple) else quantise_rows(w.t())  # wᵀ (K, N): a row per input channel
+    k, n = wt8.shape
     _check_shape(k, n, "fp8_input_grad")
     d8, sd = quantise_rows(dy.reshape(-1, n), grad_dtype or GRAD_DTYPE)
     d8 = d8.contiguous()
-    wt8, sw = quantise_rows(w.t())  # wᵀ (K, N): rows are input channels; the transposed read is the cast's
     dx = torch._scaled_mm(d8, wt8.contiguous().t(), sd, sw.t(), out_dtype=torch.bfloat16)  # (N, K) column-major
     return dx.reshape(*dy.shape[:-1], k)
 
@@ -116,23 +120,66 @@ def fp8_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class _FP8NF4Linear(torch.autograd.Function):
-    """x·Wᵀ for a bitsandbytes 4-bit weight: W dequantised to bf16 in forward and again in backward."""
+    """x·Wᵀ for a bitsandbytes 4-bit weight: W goes from NF4 to FP8 in forward, and again in backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Tensor:
         ctx.weight, ctx.quant_state, ctx.x_dtype = weight, quant_state, x.dtype  # the packed NF4 weight only
-        return fp8_forward(x, _dequantise(weight, quant_state)).to(x.dtype)
+        return fp8_forward(x, nf4_to_fp8(weight, quant_state, "rows")).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        w = _dequantise(ctx.weight, ctx.quant_state)
+        w = nf4_to_fp8(ctx.weight, ctx.quant_state, "cols")
         return fp8_input_grad(dy, w).to(ctx.x_dtype), None, None
 
 
-def _dequantise(weight: torch.Tensor, quant_state) -> torch.Tensor:
-    from bitsandbytes.functional import dequantize_4bit
+def _nf4_values(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """bitsandbytes' 4-bit layout in fp32 (N, K): byte j holds values 2j (high nibble) and 2j+1 (low), each
+    code[nibble] · absmax of its block (blocks of K / absmax.numel() · N consecutive values, within a row)."""
+    b = packed.reshape(-1)
+    nibbles = torch.stack((b >> 4, b & 0xF), dim=-1).reshape(n, absmax.numel() // n, -1).long()
+    return (code[nibbles] * absmax.reshape(n, -1, 1)).reshape(n, k)
 
-    return dequantize_4bit(weight, quant_state).to(torch.bfloat16)
+
+def _nf4_to_fp8_eager(packed, absmax, code, n: int, k: int, cols: bool):
+    # |code| ≤ 1 and the block's largest value has code ±1, so max(absmax) over a row's blocks is the row's amax;
+    # over a column it bounds the column's amax from above. FP8 is floating point: a larger scale costs no
+    # precision while the values stay above e4m3's smallest normal 2^-6 (448 / 2^-6 ≈ 2^15 of range).
+    blocks = absmax.reshape(n, -1)
+    if cols:
+        amax = blocks.amax(dim=0)[:, None].expand(-1, k // blocks.shape[1]).reshape(k, 1)  # each block's columns
+        w = _nf4_values(packed, absmax, code, n, k).t()
+    else:
+        amax = blocks.amax(dim=1, keepdim=True)
+        w = _nf4_values(packed, absmax, code, n, k)
+    scale = amax.clamp(min=1e-12) / 448.0
+    return (w / scale).clamp(-448.0, 448.0).to(E4M3).contiguous(), scale
+
+
+_compiled_nf4 = None
+
+
+def nf4_to_fp8(weight: torch.Tensor, quant_state, layout: str):
+    """A bitsandbytes NF4 weight straight to FP8 e4m3 (one compiled kernel on CUDA: reads 0.5 B, writes 1 B a
+    value, no bf16 copy). layout "rows": (w8 (N, K), scale (N, 1)) for fp8_forward; "cols": (wᵀ8 (K, N),
+    scale (K, 1)) for fp8_input_grad. Other layouts (FP4, blocks across rows, packed in another dtype): the
+    bf16 weight from bitsandbytes' dequantize_4bit, which fp8_forward / fp8_input_grad quantise themselves."""
+    global _compiled_nf4
+    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise
+
+    n, k = quant_state.shape
+    if quant_state.quant_type != "nf4" or k % quant_state.blocksize or weight.dtype != torch.uint8:
+        return dequantize_4bit(weight, quant_state).to(torch.bfloat16)
+    absmax = quant_state.absmax
+    if quant_state.nested:  # double quantisation: the absmax are 8-bit themselves (a small tensor, N·K/64)
+        absmax = dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
+    fn = _nf4_to_fp8_eager
+    if weight.is_cuda:
+        if _compiled_nf4 is None:
+            _compiled_nf4 = torch.compile(_nf4_to_fp8_eager, dynamic=True)
+        fn = _compiled_nf4
+    with torch.autocast(weight.device.type, enabled=False):
+        return fn(weight, absmax.float(), quant_state.code.float(), n, k, layout == "cols")
 
 
 class FP8Linear(nn.Linear):
