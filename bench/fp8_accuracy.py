@@ -175,9 +175,9 @@ def matmul_times(model, args, device) -> list[dict]:
             # what one linear costs per pass, from the NF4 weight: bitsandbytes' path against base_fp8's
             "nf4_to_fp8_rows": timed(lambda: nf4_to_fp8(q, q.quant_state, "rows"), args.reps, device),
             "nf4_to_fp8_cols": timed(lambda: nf4_to_fp8(q, q.quant_state, "cols"), args.reps, device),
-            "bnb_fwd": timed(lambda: x @ dequantize_4bit(q, q.quant_state).t(), args.reps, device),
+            "bnb_fwd": timed(lambda: x @ dequantize_4bit(q, q.quant_state).to(x.dtype).t(), args.reps, device),
             "base_fp8_fwd": timed(lambda: fp8_forward(x, nf4_to_fp8(q, q.quant_state, "rows")), args.reps, device),
-            "bnb_dgrad": timed(lambda: dy @ dequantize_4bit(q, q.quant_state), args.reps, device),
+            "bnb_dgrad": timed(lambda: dy @ dequantize_4bit(q, q.quant_state).to(dy.dtype), args.reps, device),
             "base_fp8_dgrad": timed(lambda: fp8_input_grad(dy, nf4_to_fp8(q, q.quant_state, "cols")), args.reps, device),
         }
         t["base_fp8_over_bnb"] = {"fwd": round(t["base_fp8_fwd"] / t["bnb_fwd"], 3),
