@@ -64,8 +64,8 @@ def quantise_rows(t: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Ten
     if t.is_cuda:
         if _compiled is None:
             _compiled = torch.compile(_quantise_rows_eager, dynamic=True)
-        with torch.autocast("cuda", enabled=False):  # one autocast state: fewer compiled variants (it guards on it)
-            return _compiled(t, dtype)
+        with torch.autocast("cuda", enabled=False):  # one autocast state and (detach) one requires_grad:
+            return _compiled(t.detach(), dtype)  # fewer compiled variants, as the compiled code guards on both
     return _quantise_rows_eager(t, dtype)
 
 
