@@ -327,6 +327,9 @@ class Config(_Strict):
                              "it needs adapter: lora or qlora")
         if self.base_fp8 and self.fsdp:
             raise ValueError("base_fp8 is not wired into the FSDP2 model build yet; drop it, or use ddp: true")
+        if self.base_fp8 and self.rl == "grpo":
+            raise ValueError("base_fp8 is not wired into GRPO's rollouts (CUDA-graph decoding) yet; "
+                             "drop it for rl: grpo")
         if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
             raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
                              "drop them, or use ddp: true")

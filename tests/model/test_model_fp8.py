@@ -153,6 +153,7 @@ def test_build_model_applies_base_fp8_before_lora(tok, make_cfg):
 @pytest.mark.parametrize("keys, message", [
     ({"base_fp8": True}, "needs adapter: lora or qlora"),
     ({"base_fp8": True, "adapter": "lora", "lora_target_linear": True, "fsdp": True}, "not wired into the FSDP2"),
+    ({"base_fp8": True, "adapter": "lora", "lora_target_linear": True, "rl": "grpo"}, "drop it for rl: grpo"),
 ])
 def test_base_fp8_combinations_that_cannot_work_are_refused(keys, message):
     with pytest.raises(ConfigError, match=message):
