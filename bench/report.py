@@ -24,6 +24,7 @@ def longest_under(rows: list[dict], limit_gib: float = 24.0) -> str:
 def tags(r: dict) -> str:
     out = "".join(f" +{k}" for k in ("cce", "offload", "liger", "compile") if r.get(k))
     out += f" +tiled-mlp×{r['tiled_mlp']}" if r.get("tiled_mlp") else ""
+    out += f" +fp8 (dy {r['fp8']})" if r.get("fp8") else ""
     out += f" dropout {r['dropout']}" if r.get("dropout", 0.05) != 0.05 else ""
     out += f" ({r['no_ckpt']} layers not checkpointed)" if r.get("no_ckpt") else ""
     out += f" [{r['attn']}]" if r.get("attn") not in (None, "sdpa") else ""

@@ -20,6 +20,8 @@ Options of the magistune side (the issue "Throughput and memory"):
     --kernels         lora_qkv_kernel + lora_o_kernel + lora_mlp_kernel: the fused LoRA Function (lora_kernels.py)
     --keep-weights    with --kernels: keep each layer's dequantised weights from its recompute to its backward
                       (lora_kernels.KEEP_DEQUANTISED_WEIGHTS; +1.1 GB peak on Magistral Small)
+    --fp8             base_fp8: the frozen NF4 base's products in FP8 (e4m3, rowwise scales; model/fp8.py),
+                      --fp8-grad e5m2 for dy in e5m2; accuracy: bench/fp8_accuracy.py
 One JSON line per run goes to --out (appended). Run each configuration in its own process so that peak
 memory is its own: bench/run_gpu.sh does that, then bench/report.py writes the table.
 """
@@ -60,7 +62,7 @@ def config_for(args) -> "object":
         "optimizer": "adamw_bnb_8bit", "learning_rate": 2e-4, "bf16": True, "gradient_checkpointing": True,
         "attn_implementation": args.attn, "sample_packing": args.packing, "cut_cross_entropy": args.cce,
         "activation_offloading": args.offload, "liger_rms_norm": args.liger, "liger_glu_activation": args.liger,
-        "tiled_mlp": args.tiled_mlp > 0, "tiled_mlp_num_shards": args.tiled_mlp or None,
+        "tiled_mlp": args.tiled_mlp > 0, "tiled_mlp_num_shards": args.tiled_mlp or None, "base_fp8": args.fp8,
         "lora_qkv_kernel": args.kernels, "lora_o_kernel": args.kernels, "lora_mlp_kernel": args.kernels,
     }
     return parse_config(raw)[0]
@@ -173,6 +175,8 @@ def main() -> None:
     p.add_argument("--tiled-mlp", type=int, default=0, help="tiled_mlp with this many shards (magistune side)")
     p.add_argument("--kernels", action="store_true", help="the fused LoRA kernels, Axolotl's three keys (magistune side)")
     p.add_argument("--keep-weights", action="store_true", help="--kernels: dequantised weights kept for backward")
+    p.add_argument("--fp8", action="store_true", help="base_fp8: the frozen base's products in FP8 (magistune side)")
+    p.add_argument("--fp8-grad", choices=["e4m3", "e5m2"], default="e4m3", help="--fp8: dy's format in backward")
     p.add_argument("--compile", action="store_true", help="experiment: torch.compile each decoder layer")
     p.add_argument("--no-ckpt", type=int, default=0, help="experiment: this many layers run without checkpointing")
     p.add_argument("--profile", default=None, help="write torch.profiler's top CUDA ops of the timed steps here")
@@ -181,9 +185,9 @@ def main() -> None:
     p.add_argument("--out", default="bench_train_step.jsonl")
     args = p.parse_args()
     if (args.packing or args.random_lengths or args.cce or args.offload or args.liger or args.tiled_mlp
-            or args.kernels) and args.side != "magistune":
-        p.error("--packing, --random-lengths, --cce, --offload, --liger, --tiled-mlp and --kernels are options of "
-                "--side magistune")
+            or args.kernels or args.fp8) and args.side != "magistune":
+        p.error("--packing, --random-lengths, --cce, --offload, --liger, --tiled-mlp, --kernels and --fp8 are options "
+                "of --side magistune")
     if args.keep_weights and not args.kernels:
         p.error("--keep-weights is an option of --kernels")
     if args.vision and (args.packing or args.random_lengths):
@@ -208,7 +212,10 @@ def main() -> None:
     if args.side == "magistune":
         from magistune.model.fused import apply_fused_parts
 
-        for note in apply_fused_parts(model, cfg, device):
+        import magistune.model.fp8 as fp8
+
+        fp8.GRAD_DTYPE = fp8.E5M2 if args.fp8_grad == "e5m2" else fp8.E4M3
+        for note in apply_fused_parts(model, cfg, device) + fp8.apply_base_fp8(model, cfg, device):
             print("note:", note)
         model = apply_lora(model, cfg)
         enable_checkpointing(model)
@@ -318,6 +325,7 @@ def main() -> None:
         "cce": args.cce, "offload": args.offload, "dropout": args.dropout, "liger": args.liger,
         "compile": args.compile, "tiled_mlp": args.tiled_mlp,
         "kernels": args.kernels, "keep_weights": args.keep_weights, "no_ckpt": args.no_ckpt, "profiled": bool(args.profile),
+        "fp8": args.fp8_grad if args.fp8 else None,
         "steps": args.steps, "tokens_per_s": round(tokens / seconds, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "weights_gib": round(info.weight_bytes / 2**30, 2), "build_s": round(build_s, 1),

@@ -208,6 +208,7 @@ class Config(_Strict):
     lora_qkv_kernel: bool = False  # LoRA q,k,v as one fused autograd Function (model/lora_kernels.py)
     lora_o_kernel: bool = False  # LoRA o_proj through the same Function
     lora_mlp_kernel: bool = False  # LoRA gate,up (one Function) and down
+    base_fp8: bool = False  # LoRA/QLoRA: the frozen base's products in FP8 (e4m3, rowwise scales; GPUs >= sm 8.9)
 
     # --- preference tuning (issue 13): TRL's meanings and defaults, Axolotl's key names ---------
     rl: Literal["dpo", "ipo", "orpo", "simpo", "kto", "grpo"] | None = None  # None: supervised fine-tuning
@@ -324,6 +325,14 @@ class Config(_Strict):
             self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
         self._check_preference()
         self._check_grpo()
+        if self.base_fp8 and not self.adapter:
+            raise ValueError("base_fp8 multiplies the frozen base weights in FP8 and gives them no gradient; "
+                             "it needs adapter: lora or qlora")
+        if self.base_fp8 and self.fsdp:
+            raise ValueError("base_fp8 is not wired into the FSDP2 model build yet; drop it, or use ddp: true")
+        if self.base_fp8 and self.rl == "grpo":
+            raise ValueError("base_fp8 is not wired into GRPO's rollouts (CUDA-graph decoding) yet; "
+                             "drop it for rl: grpo")
         if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
             raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
                              "drop them, or use ddp: true")

@@ -19,6 +19,7 @@ from magistune.config import Config
 from magistune.model.adapt import (
     apply_lora, enable_checkpointing, freeze_vision, load_adapter, lora_target_regex, save_trained,
 )
+from magistune.model.fp8 import apply_base_fp8
 from magistune.model.fused import apply_fused_parts, apply_lora_kernels
 from magistune.model.load import (
     ModelError,
@@ -57,6 +58,7 @@ def adapt_model(model: nn.Module, cfg: Config, device: torch.device,
     checkpointing. Module swaps only, so it also runs on a weightless (meta-device) model; `adapter_weights`:
     False leaves a saved adapter's tensors unread (they arrive later). Returns the model and notes for the log."""
     notes = apply_fused_parts(model, cfg, device)  # tiled MLP / liger kernels, before LoRA wraps
+    notes += apply_base_fp8(model, cfg, device)  # FP8 products for the frozen base linears, before LoRA wraps
     if cfg.adapter and cfg.lora_model_dir:  # continue training a saved adapter
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
