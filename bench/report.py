@@ -25,6 +25,8 @@ def tags(r: dict) -> str:
     out = "".join(f" +{k}" for k in ("cce", "offload", "liger", "compile") if r.get(k))
     out += f" +tiled-mlp×{r['tiled_mlp']}" if r.get("tiled_mlp") else ""
     out += f" +fp8 (dy {r['fp8']})" if r.get("fp8") else ""
+    out += " +lora-kernels" if r.get("kernels") else ""
+    out += " +keep-weights" if r.get("keep_weights") else ""
     out += f" dropout {r['dropout']}" if r.get("dropout", 0.05) != 0.05 else ""
     out += f" ({r['no_ckpt']} layers not checkpointed)" if r.get("no_ckpt") else ""
     out += f" [{r['attn']}]" if r.get("attn") not in (None, "sdpa") else ""
@@ -104,7 +106,7 @@ def table(rows: list[dict]) -> str:
     lengths = ("\n*packed* / *random lengths*: samples of seq/16 … seq/2 tokens (uniform), packed into rows of seq tokens "
                "(first-fit decreasing, block-diagonal attention) or one per row padded to the longest of the micro-batch; "
                "tok/s counts real tokens only. *+cce*: Cut Cross Entropy loss; *+offload*: activation offloading; "
-               "*+liger*: liger_rms_norm + liger_glu_activation; *+tiled-mlp×N*: tiled_mlp in N shards; "
+               "*+liger*: liger_rms_norm + liger_glu_activation; *+tiled-mlp×N*: tiled_mlp in N shards; *+lora-kernels*: lora_qkv_kernel + lora_o_kernel + lora_mlp_kernel (model/lora_kernels.py); *+keep-weights*: their dequantised weights kept from recompute to backward; *+fp8*: base_fp8; "
                "*+compile*: torch.compile of each decoder layer.\n")
     unsloth = ("\n*unsloth*: Unsloth's FastLanguageModel on the same model saved as a bnb-4bit folder "
                "(bench/unsloth_step.py): its fused LoRA kernels (the dropout fused in), \"unsloth\" gradient checkpointing "

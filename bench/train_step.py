@@ -39,13 +39,14 @@ import torch
 
 
 def magistune_version() -> str:
-    """magistune's version, with the commit when the benchmark runs from a git checkout ("0.1.0+1a2b3c4")."""
+    """magistune's version, with the commit when the benchmark runs from a git checkout ("0.1.0+1a2b3c4", and
+    "-dirty" when the tree differs from it: the device tool copies the working tree over the session's first commit)."""
     import subprocess
 
     import magistune
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
+        sha = subprocess.run(["git", "describe", "--always", "--dirty"], check=False, capture_output=True, text=True,
                              timeout=10, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
