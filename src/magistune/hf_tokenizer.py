@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
-from magistune.tokenizer import SpecialIds, TokenizerError, file_digest
+from magistune.tokenizer import SpecialIds, TokenizerError, default_cache_dir, file_digest, find_tokenizer_file
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -47,6 +48,36 @@ def hf_tokenizer_in(folder: Path) -> Path | None:
     """The folder's tokenizer.json when it also has a chat template, else None."""
     path = Path(folder) / HF_TOKENIZER_FILE
     return path if path.is_file() and has_chat_template(path.parent) else None
+
+
+def model_tokenizer_file(folder: Path, use_mistral_common: bool = True) -> Path:
+    """A model folder's tokenizer: its mistral-common file first (tokenizer_use_mistral_common: true), else its
+    tokenizer.json with a chat template."""
+    if use_mistral_common:
+        return find_tokenizer_file(Path(folder))
+    hf = hf_tokenizer_in(Path(folder))
+    if hf is None:
+        raise TokenizerError(f"{folder}: tokenizer_use_mistral_common is false, but the folder has no tokenizer.json "
+                             "with a chat template (chat_template.jinja or tokenizer_config.json's chat_template)")
+    return hf
+
+
+def tiny_hf_tokenizer_path() -> Path:
+    """The tiny models' Tekken file as Hugging Face files with our v13 template (written once per template)."""
+    from magistune.tokenizer import tiny_tokenizer_path
+
+    template = V13_TEMPLATE.read_text(encoding="utf-8")
+    tag = hashlib.sha256(template.encode()).hexdigest()[:12]
+    folder = default_cache_dir() / "tiny-random-hf-tokenizer" / tag
+    if not (folder / HF_TOKENIZER_FILE).is_file():
+        tmp = folder.with_name(f".{tag}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_hf_tokenizer(tiny_tokenizer_path(), tmp, template)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race: its folder is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / HF_TOKENIZER_FILE
 
 
 def tokenizer_files(tokenizer_file: str | Path) -> list[Path]:

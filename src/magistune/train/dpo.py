@@ -29,7 +29,7 @@ from magistune.config import Config, ConfigError
 from magistune.data.build import DataError, prepare_data, resolve_tokenizer_file
 from magistune.data.cache import cache_key
 from magistune.model import build_model, format_model_info, resolve_dtype, save_trained
-from magistune.tokenizer import SpecialIds, TokenizerError, load_tokenizer
+from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of, load_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import DataPosition, StepStream, every, steps_per_epoch, total_steps
 from magistune.train.launch import single_process_notes
@@ -153,7 +153,7 @@ class DPO:
         self.save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
         if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
             say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
-        self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder
+        self.image_encoder = image_encoder_of(self.tokenizer)
 
     def load_checkpoint(self) -> None:
         state = {"step": 0, "position": DataPosition().to_dict(), "losses": [], "window": PreferenceTotals().to_dict()}

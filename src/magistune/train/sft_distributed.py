@@ -23,7 +23,7 @@ import torch
 from magistune.config import Config, ConfigError
 from magistune.data.build import DataError, prepare_data
 from magistune.model import format_model_info, resolve_dtype
-from magistune.tokenizer import SpecialIds, TokenizerError, load_tokenizer
+from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of, load_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import (
     DataPosition, StepStream, eval_batches, every, items_per_rank, steps_per_epoch, total_steps,
@@ -161,7 +161,7 @@ class SFTDistributed:
         self.save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
         if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
             say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
-        self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder  # None without an image config
+        self.image_encoder = image_encoder_of(self.tokenizer)  # None without an image config
         self.pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else 0  # fixed shapes: batches sequence_len wide
 
     def load_checkpoint(self) -> None:
