@@ -25,7 +25,7 @@ from magistune.data.synthetic import generate
 from magistune.hf_tokenizer import HFChatTokenizer, _fast_tokenizer, load_hf_tokenizer, tiny_hf_tokenizer_path
 from magistune.tokenizer import load_tokenizer, tiny_tokenizer_path
 
-N = 120
+N = 100
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +38,16 @@ def hf():
     return load_hf_tokenizer(tiny_hf_tokenizer_path())
 
 
-def with_template(template: str) -> HFChatTokenizer:
-    """The tiny tokenizer with another chat template (a fresh object: the memoised one stays as it is)."""
+@pytest.fixture(scope="module")
+def with_template():
+    """The tiny tokenizer with another chat template: one spare copy (the memoised one stays as it is)."""
     path = tiny_hf_tokenizer_path()
     fast = _fast_tokenizer(path)
-    fast.chat_template = template
-    return HFChatTokenizer(fast, path)
+
+    def make(template: str) -> HFChatTokenizer:
+        fast.chat_template = template
+        return HFChatTokenizer(fast, path)
+    return make
 
 
 def spells_a_control_token(record: dict, hf: HFChatTokenizer) -> bool:
@@ -141,7 +145,7 @@ def test_one_render_per_record(mc, hf):
         assert sum(1 for t in labels if t == hf.special_ids().eos) == 40
 
 
-def test_a_boundary_inside_a_token_is_rejected(hf):
+def test_a_boundary_inside_a_token_is_rejected(with_template):
     """A template that glues the answer to its own text: ' hello' is one token, so the turn starting at 'h' cannot
     be cut from the prompt's space. Rejected with the reason, never guessed."""
     tok = with_template("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% else %} {{ m.content }}"
@@ -160,7 +164,7 @@ def test_a_boundary_inside_a_token_is_rejected(hf):
     ("{% for m in messages %}[INST]{{ m.content | upper }}[/INST]</s>{% endfor %}", "turn_not_found"),
     ("{{ raise_exception('no tools here') }}", "rejected_by_chat_template"),
 ])
-def test_templates_that_hide_a_turn_are_rejected(hf, template, reason):
+def test_templates_that_hide_a_turn_are_rejected(with_template, template, reason):
     conv = parse_record({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "first"},
                                       {"role": "user", "content": "q2"}, {"role": "assistant", "content": "second"}]},
                         RecordOptions())
@@ -169,7 +173,7 @@ def test_templates_that_hide_a_turn_are_rejected(hf, template, reason):
     assert e.value.reason == reason
 
 
-def test_generation_blocks_map_to_weighted_messages(hf):
+def test_generation_blocks_map_to_weighted_messages(hf, with_template):
     """One {% generation %} block per assistant message: a weight-0 message's block stays untrained; a template
     that merges blocks can only be used while the weights agree."""
     record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "first", "weight": 0},
