@@ -115,7 +115,8 @@ class HFChatTokenizer:
                                  "chat_template); the Hugging Face tokenizer path renders records with it")
         if hf.eos_token_id is None:
             raise TokenizerError(f"{path}: the tokenizer has no eos_token; set special_tokens: {{eos_token: ...}}")
-        self.has_generation_markers = bool(_GENERATION.search(hf.chat_template))
+        code = re.sub(r"{#.*?#}", "", hf.chat_template, flags=re.S)  # markers named in comments do not count
+        self.has_generation_markers = bool(_GENERATION.search(code))
 
     @property
     def n_words(self) -> int:

@@ -49,8 +49,10 @@ class HFConversationEncoder:
         except Exception as e:  # the template's raise_exception, jinja errors
             raise RecordError("rejected_by_chat_template", f"the chat template could not render it: {short_error(e)}") from None
         weights = conv.weights
+        if not spans:
+            raise RecordError("turns_not_separable", "the template's generation blocks mark no assistant turn")
         if len(spans) != len(weights):
-            if len(set(weights)) > 1 or not spans:
+            if len(set(weights)) > 1:
                 raise RecordError("turns_not_separable", f"the template's generation blocks make {len(spans)} "
                                   f"assistant turn(s) of {len(weights)} assistant messages with different weights")
             weights = [weights[0]] * len(spans)
