@@ -21,7 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
-from magistune.tokenizer import SpecialIds, TokenizerError, default_cache_dir, file_digest, find_tokenizer_file
+from magistune.tokenizer import (SpecialIds, TokenizerError, default_cache_dir, file_digest, find_tokenizer_file,
+                                 hf_tokenizer_in, load_tokenizer)
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -32,22 +33,6 @@ THINK_PAIRS = (("[THINK]", "[/THINK]"), ("<think>", "</think>"))  # thinking del
 
 def is_hf_tokenizer_file(path: str | Path) -> bool:
     return Path(path).name == HF_TOKENIZER_FILE
-
-
-def has_chat_template(folder: Path) -> bool:
-    if (folder / "chat_template.jinja").is_file():
-        return True
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(isinstance(config, dict) and config.get("chat_template"))
-
-
-def hf_tokenizer_in(folder: Path) -> Path | None:
-    """The folder's tokenizer.json when it also has a chat template, else None."""
-    path = Path(folder) / HF_TOKENIZER_FILE
-    return path if path.is_file() and has_chat_template(path.parent) else None
 
 
 def model_tokenizer_file(folder: Path, use_mistral_common: bool = True) -> Path:
@@ -150,6 +135,14 @@ class HFChatTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def load_any_tokenizer(path: str | Path, mode=None):
+    """A tokenizer.json as HFChatTokenizer, anything else as tokenizer.load_tokenizer does (`mode`: its
+    validation mode; a chat template has none)."""
+    if is_hf_tokenizer_file(path):
+        return load_hf_tokenizer(path)
+    return load_tokenizer(path) if mode is None else load_tokenizer(path, mode=mode)
 
 
 def load_hf_tokenizer(path: str | Path) -> HFChatTokenizer:

@@ -76,10 +76,6 @@ def load_tokenizer(path: str | Path, mode: ValidationMode = ValidationMode.finet
     path = Path(path).resolve()
     if not path.is_file():
         raise TokenizerError(f"{path}: tokenizer file not found")
-    if path.name == "tokenizer.json":  # a Hugging Face tokenizer and its chat template (hf_tokenizer.py)
-        from magistune.hf_tokenizer import load_hf_tokenizer
-
-        return load_hf_tokenizer(path)  # type: ignore[return-value]
     st = path.stat()
     return _load_tokenizer(str(path), st.st_size, st.st_mtime_ns, mode)
 
@@ -104,13 +100,27 @@ def find_tokenizer_file(model_dir: Path) -> Path:
     sp = sorted(model_dir.glob("tokenizer.model.v*"), key=version)
     if sp:
         return sp[-1]
-    from magistune.hf_tokenizer import hf_tokenizer_in
-
-    hf = hf_tokenizer_in(model_dir)  # a Hugging Face tokenizer.json with a chat template
+    hf = hf_tokenizer_in(model_dir)  # a Hugging Face tokenizer.json with a chat template (hf_tokenizer.py)
     if hf is not None:
         return hf
     raise TokenizerError(f"{model_dir}: no tekken.json, tokenizer.model.v* or tokenizer.json with a chat template "
                          "found; set tokenizer_path")
+
+
+def has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
+def hf_tokenizer_in(folder: Path) -> Path | None:
+    """The folder's Hugging Face tokenizer.json when it also has a chat template, else None."""
+    path = Path(folder) / "tokenizer.json"
+    return path if path.is_file() and has_chat_template(path.parent) else None
 
 
 def file_digest(path: Path) -> str:

@@ -29,15 +29,14 @@ from magistune.data.errors import RecordError, short_error
 from magistune.data.images import IMAGE_PARTS, ImageOptions
 from magistune.data.records import MESSAGE_KEYS, ROLES, RecordOptions, image_chunks
 from magistune.model_files.system_prompt import system_message
-from magistune.hf_tokenizer import HFChatTokenizer
-from magistune.tokenizer import load_tokenizer
+from magistune.hf_tokenizer import HFChatTokenizer, load_any_tokenizer
 
 _TRAINING_ONLY_KEYS = ("weight", "train")  # mean nothing at inference; dropped
 
 
 def load_chat_tokenizer(path: str | Path) -> MistralTokenizer:
     """The tokenizer in test (inference) mode: prompts end with the user's turn."""
-    return load_tokenizer(path, mode=ValidationMode.test)
+    return load_any_tokenizer(path, mode=ValidationMode.test)  # or an HF tokenizer.json (hf_tokenizer.py)
 
 
 def build_request(messages: Any, tools: Any = None, system_prompt: str | None = None, supports_thinking: bool = True,
