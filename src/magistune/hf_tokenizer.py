@@ -228,36 +228,42 @@ def customised_tokenizer(tokenizer_file: Path, folder: Path, tokens: list[str] |
     target = folder / f"tokenizer-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
     if (target / HF_TOKENIZER_FILE).is_file():
         return target / HF_TOKENIZER_FILE
-    tmp = folder / f".{target.name}.tmp"
+    tmp = folder / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    copy_tokenizer_files(tokenizer_file, tmp)
-    if overrides:
-        _override_added_tokens(tmp, overrides)
-    hf = _fast_tokenizer(tmp / HF_TOKENIZER_FILE)
-    plain = lambda t: AddedToken(t, rstrip=False, lstrip=False, normalized=False)  # noqa: E731 (Axolotl's)
-    if tokens:
-        hf.add_tokens([plain(t) for t in tokens])
-    if special_tokens:
-        hf.add_special_tokens({k: plain(v) for k, v in special_tokens.items()})
-    hf.save_pretrained(str(tmp))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    try:
+        tmp.mkdir(parents=True)
+        copy_tokenizer_files(tokenizer_file, tmp)
+        if overrides:
+            _override_added_tokens(tmp, overrides, tokenizer_file)
+        hf = _fast_tokenizer(tmp / HF_TOKENIZER_FILE)
+        plain = lambda t: AddedToken(t, rstrip=False, lstrip=False, normalized=False)  # noqa: E731 (Axolotl's)
+        if tokens:
+            hf.add_tokens([plain(t) for t in tokens])
+        if special_tokens:
+            hf.add_special_tokens({k: plain(v) for k, v in special_tokens.items()})
+        hf.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except OSError as e:
+        raise TokenizerError(f"{folder}: cannot write the modified tokenizer ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed attempt leaves nothing
     return target / HF_TOKENIZER_FILE
 
 
-def _override_added_tokens(folder: Path, overrides: dict[int, str]) -> None:
-    """Rename tokenizer.json's added tokens in place, as Axolotl does (and tokenizer_config.json's copy)."""
+def _override_added_tokens(folder: Path, overrides: dict[int, str], source: Path) -> None:
+    """Rename tokenizer.json's added tokens in place, as Axolotl does (and tokenizer_config.json's copy). Errors
+    name `source`, the file the copy came from."""
     path = folder / HF_TOKENIZER_FILE
     data = json.loads(path.read_text(encoding="utf-8"))
     added = {t["id"]: t for t in data.get("added_tokens", [])}
     for token_id, name in overrides.items():
         if token_id not in added:
             ids = sorted(added)
-            raise TokenizerError(f"added_tokens_overrides: {token_id} is not an added token of {path} (its added "
+            raise TokenizerError(f"added_tokens_overrides: {token_id} is not an added token of {source} (its added "
                                  f"tokens are ids {ids[0]}–{ids[-1]})" if ids else
-                                 f"added_tokens_overrides: {path} has no added tokens")
+                                 f"added_tokens_overrides: {source} has no added tokens")
         old = added[token_id]["content"]
         added[token_id]["content"] = name
         vocab = data.get("model", {}).get("vocab")

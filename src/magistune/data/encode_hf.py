@@ -88,7 +88,7 @@ class HFConversationEncoder:
         text = self.tokenizer.render(messages, tools)
         enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        starts, ends = token_boundaries(offsets, len(text))
+        starts, ends = token_boundaries(offsets)
         spans, cursor, pending = [], 0, None  # pending: (message index, end of its end-of-turn) to check
         for i, msg in enumerate(messages):
             located = []
@@ -99,10 +99,10 @@ class HFConversationEncoder:
                                       "not in the rendered chat template (the template changes or drops it)")
                 located.append((at, at + len(piece)))
                 cursor = at + len(piece)
-            if pending is not None and located and located[0][0] < pending[1]:
-                raise RecordError("no_end_of_turn", f"messages[{pending[0]}]: the chat template writes no "
-                                  f"{self.eos_text!r} (eos_token) between this assistant turn and the next message")
-            if located and pending is not None:
+            if pending is not None and located:
+                if located[0][0] < pending[1]:
+                    raise RecordError("no_end_of_turn", f"messages[{pending[0]}]: the chat template writes no "
+                                      f"{self.eos_text!r} (eos_token) between this assistant turn and the next message")
                 pending = None
             if msg["role"] != "assistant":
                 continue
@@ -115,7 +115,7 @@ class HFConversationEncoder:
                 raise RecordError("no_end_of_turn", f"messages[{i}]: no {self.eos_text!r} (eos_token) follows the "
                                   "assistant turn in the rendered chat template")
             start, end = located[0][0], eos + len(self.eos_text)
-            answer_char = located[1][0] if msg.get("reasoning_content") is not None and len(located) > 1 else start
+            answer_char = located[1][0] if msg.get("reasoning_content") and len(located) > 1 else start
             for where, char, table in (("starts", start, starts), ("ends", end, ends)):
                 if char not in table:
                     raise RecordError("turn_boundary_inside_token", f"messages[{i}]: the assistant turn {where} inside "
@@ -152,7 +152,7 @@ def text_pieces(msg: dict) -> list[str]:
     return [p for p in pieces if isinstance(p, str) and p]
 
 
-def token_boundaries(offsets: list[tuple[int, int]], n_chars: int) -> tuple[dict[int, int], dict[int, int]]:
+def token_boundaries(offsets: list[tuple[int, int]]) -> tuple[dict[int, int], dict[int, int]]:
     """Characters where a token cleanly starts → its index, and where one cleanly ends → the index after it.
     Byte-level BPE can give two tokens the same character (a character cut in two): no boundary lies there."""
     starts, ends = {}, {}
@@ -163,7 +163,6 @@ def token_boundaries(offsets: list[tuple[int, int]], n_chars: int) -> tuple[dict
             ends[s] = i  # the tokens before i end at or before s
         prev_end = max(prev_end, e)
     ends[prev_end] = len(offsets)
-    ends = {c: i for c, i in ends.items()}
     return starts, ends
 
 
