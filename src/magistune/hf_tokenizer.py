@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from magistune.tokenizer import (SpecialIds, TokenizerError, default_cache_dir, file_digest, find_tokenizer_file,
-                                 hf_tokenizer_in, load_tokenizer)
+                                 hf_tokenizer_in, load_tokenizer, tiny_tokenizer_path)
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -49,8 +49,6 @@ def model_tokenizer_file(folder: Path, use_mistral_common: bool = True) -> Path:
 
 def tiny_hf_tokenizer_path() -> Path:
     """The tiny models' Tekken file as Hugging Face files with our v13 template (written once per template)."""
-    from magistune.tokenizer import tiny_tokenizer_path
-
     template = V13_TEMPLATE.read_text(encoding="utf-8")
     tag = hashlib.sha256(template.encode()).hexdigest()[:12]
     folder = default_cache_dir() / "tiny-random-hf-tokenizer" / tag
