@@ -1,7 +1,7 @@
 """The layering of src/magistune, read from the source (every import statement, function-level ones included):
 
     rank 0  __init__ (the version), config_compat, tokenizer
-    rank 1  config
+    rank 1  config, hf_tokenizer   (Hugging Face tokenizers beside tokenizer's mistral-common ones)
     rank 2  model_files       where a base_model is and the files in it (tiny, local, HF cache, native layout)
     rank 3  data, model
     rank 4  export, train
@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "magistune"
 
 LAYERS = {
     "__init__": 0, "config_compat": 0, "tokenizer": 0,
-    "config": 1,
+    "config": 1, "hf_tokenizer": 1,
     "paths": 2,
     "model_files": 2,
     "data": 3, "model": 3,

@@ -47,8 +47,15 @@ def test_eot_tokens_and_chat_template_kwargs():
     assert [d.chat_template_kwargs for d in cfg.datasets] == [{"reasoning_effort": "high"}, {}]
 
 
-def test_tokenizer_use_mistral_common_false_is_an_error():
-    assert "tokenizer_use_mistral_common: false is not supported" in error(tokenizer_use_mistral_common=False)
+def test_tokenizer_keys_are_accepted():
+    """tokenizer_use_mistral_common: false selects the Hugging Face tokenizer (tests/data/test_build_hf.py); Axolotl's
+    token keys are read as Axolotl writes them, and special_tokens names only the four it means."""
+    cfg, _ = parse(tokenizer_use_mistral_common=False, tokens=["<a>"], special_tokens={"pad_token": "<pad>"},
+                   added_tokens_overrides={20: "<b>"})
+    assert (cfg.tokenizer_use_mistral_common, cfg.tokens, cfg.added_tokens_overrides) == (False, ["<a>"], {20: "<b>"})
+    assert "special_tokens: 'sep_token' is not one of bos_token" in error(special_tokens={"sep_token": "<sep>"})
+    cfg, _ = parse(special_tokens=None, tokens=None)  # Axolotl's examples leave them empty
+    assert cfg.special_tokens is None and cfg.tokens is None
 
 
 @pytest.mark.parametrize("key", ["processor_type", "skip_prepare_dataset", "remove_unused_columns", "dataset_num_proc"])

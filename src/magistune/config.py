@@ -135,7 +135,11 @@ class Config(_Strict):
     # --- model and tokenizer -------------------------------------------------------------------
     base_model: str
     tokenizer_path: str | None = None  # default: <model dir>/tekken.json
-    tokenizer_use_mistral_common: bool = True  # Axolotl's switch; mistral-common is the only tokenizer here
+    tokenizer_use_mistral_common: bool = True  # false: the Hugging Face tokenizer.json and chat template (hf_tokenizer.py)
+    # Axolotl's tokenizer keys (docs/config.md): rename added tokens by id, add tokens, set bos/eos/pad/unk
+    added_tokens_overrides: dict[int, str] | None = None
+    tokens: list[str] | None = None
+    special_tokens: dict[str, str] | None = None
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
     flash_attention: bool = False  # Axolotl's switch: same as attn_implementation: flash_attention_2
@@ -288,9 +292,10 @@ class Config(_Strict):
         if self.load_in_8bit:
             raise ValueError("load_in_8bit (bitsandbytes LLM.int8 base weights) is not implemented in magistune; the "
                              "nearest option is adapter: qlora with load_in_4bit: true (NF4 base weights, LoRA on top)")
-        if not self.tokenizer_use_mistral_common:
-            raise ValueError("tokenizer_use_mistral_common: false is not supported: magistune tokenises with mistral-common only (ids equal to "
-                             "encode_chat_completion); remove the key or set it to true")
+        bad = sorted(set(self.special_tokens or {}) - {"bos_token", "eos_token", "pad_token", "unk_token"})
+        if bad:
+            raise ValueError(f"special_tokens: {bad[0]!r} is not one of bos_token, eos_token, pad_token, unk_token "
+                             "(add other tokens with tokens:)")
         for key in ("train_on_inputs", "chat_template_kwargs"):  # Axolotl's top-level defaults for the datasets
             if getattr(self, key) is not None:
                 for ds in self.datasets:

@@ -37,7 +37,9 @@ def axolotl_default_value(key: str, value) -> str | None:
         if value is None or value == "tokenizer_default" or str(value).startswith("tokenizer_default_fallback_"):
             return None
         return (f"{value!r} is not supported: magistune encodes with mistral-common (ids equal to "
-                "encode_chat_completion), never a jinja template; use tokenizer_default or remove the key")
+                "encode_chat_completion), or with the Hugging Face tokenizer's own chat template "
+                "(tokenizer_use_mistral_common: false), never a template named in the config; use tokenizer_default "
+                "or remove the key")
     if key == "eot_tokens":
         return None if not value else (
             "mistral-common's end-of-turn tokens are fixed by the tokenizer version ([/INST] closes the user turn, "
@@ -55,9 +57,8 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "hub_strategy": "pushing to the Hugging Face Hub is not built in (no hub access)",
     "push_dataset_to_hub": "pushing to the Hugging Face Hub is not built in (no hub access)",
     "deepspeed": "DeepSpeed is not supported; multi-GPU uses FSDP2 through torchrun",
-    "chat_template_jinja": "magistune tokenises with mistral-common only; chat templates are not used",
-    "special_tokens": "special tokens come from the tokenizer file (tekken.json)",
-    "tokens": "adding tokens is not supported; the tokenizer file is used as is",
+    "chat_template_jinja": "a template in the config is not used: mistral-common's format, or the Hugging Face "
+                           "tokenizer's own chat_template.jinja (tokenizer_use_mistral_common: false)",
     "tokenizer_type": "the tokenizer is always mistral-common's",
     "model_type": "the model class comes from the model's config.json",
     "reward_model": "reward models are not implemented",

@@ -29,7 +29,7 @@ TINY_IMAGE_CONFIG = {"image_patch_size": 14, "max_image_size": 1540, "spatial_me
 TINY_SOURCE = "tekken_240911.json"  # shipped inside the mistral-common wheel
 # The built-in random-weight models (model_files/tiny.py writes them); all use the tokenizer below. Here, not in
 # tiny.py, so that the data stage can recognise them without importing torch.
-TINY_NAMES = ("tiny-random", "tiny-random-vision")
+TINY_NAMES = ("tiny-random", "tiny-random-vision", "tiny-random-hf")  # -hf: Hugging Face tokenizer files (hf_tokenizer.py)
 
 
 class TokenizerError(ValueError):
@@ -100,7 +100,27 @@ def find_tokenizer_file(model_dir: Path) -> Path:
     sp = sorted(model_dir.glob("tokenizer.model.v*"), key=version)
     if sp:
         return sp[-1]
-    raise TokenizerError(f"{model_dir}: no tekken.json or tokenizer.model.v* found; set tokenizer_path")
+    hf = hf_tokenizer_in(model_dir)  # a Hugging Face tokenizer.json with a chat template (hf_tokenizer.py)
+    if hf is not None:
+        return hf
+    raise TokenizerError(f"{model_dir}: no tekken.json, tokenizer.model.v* or tokenizer.json with a chat template "
+                         "found; set tokenizer_path")
+
+
+def has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
+def hf_tokenizer_in(folder: Path) -> Path | None:
+    """The folder's Hugging Face tokenizer.json when it also has a chat template, else None."""
+    path = Path(folder) / "tokenizer.json"
+    return path if path.is_file() and has_chat_template(path.parent) else None
 
 
 def file_digest(path: Path) -> str:
@@ -126,6 +146,8 @@ class SpecialIds:
 
     @classmethod
     def of(cls, tok: MistralTokenizer) -> "SpecialIds":
+        if not isinstance(tok, MistralTokenizer):  # hf_tokenizer.HFChatTokenizer
+            return tok.special_ids()
         raw = tok.instruct_tokenizer.tokenizer
 
         def get(token: SpecialTokens) -> int | None:
@@ -155,8 +177,17 @@ class SpecialIds:
 
 
 def tokenizer_version(tok: MistralTokenizer) -> str:
+    if not isinstance(tok, MistralTokenizer):
+        return "hf"
     return str(tok.instruct_tokenizer.tokenizer.version.value)
 
 
 def vocab_size(tok: MistralTokenizer) -> int:
+    if not isinstance(tok, MistralTokenizer):
+        return tok.n_words
     return tok.instruct_tokenizer.tokenizer.n_words
+
+
+def image_encoder_of(tok) -> object | None:
+    """mistral-common's image encoder of the tokenizer; None without an image config or for a Hugging Face one."""
+    return getattr(getattr(tok, "instruct_tokenizer", None), "image_encoder", None)

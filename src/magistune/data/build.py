@@ -25,25 +25,54 @@ from magistune.data.report import DataReport, Rejected, format_report, format_wa
 from magistune.data.sample import PreparedData, Sample
 from magistune.data.sources import BadLine, SourceError, iter_records, open_source, system_prompt_for
 from magistune.paths import check_writable_dir
-from magistune.tokenizer import (TINY_NAMES, SpecialIds, TokenizerError, find_tokenizer_file, load_tokenizer,
-                                 tiny_tokenizer_path)
+from magistune.data.encode_hf import HFConversationEncoder
+from magistune.hf_tokenizer import (customised_tokenizer, is_hf_tokenizer_file, load_hf_tokenizer, model_tokenizer_file,
+                                    tiny_hf_tokenizer_path)
+from magistune.tokenizer import TINY_NAMES, SpecialIds, TokenizerError, load_tokenizer, tiny_tokenizer_path
 
 
 def resolve_tokenizer_file(cfg: Config) -> Path:
-    """tokenizer_path if set, else the model's own tekken.json (or tokenizer.model.v*)."""
+    """tokenizer_path if set, else the model's own tekken.json (or tokenizer.model.v*, or a Hugging Face
+    tokenizer.json with a chat template); with Axolotl's tokens / special_tokens / added_tokens_overrides, the
+    modified copy written under the prepared-data folder (hf_tokenizer.customised_tokenizer)."""
+    path = _base_tokenizer_file(cfg)
+    if not (cfg.tokens or cfg.special_tokens or cfg.added_tokens_overrides):
+        return path
+    if not is_hf_tokenizer_file(path):
+        raise ConfigError("tokens / special_tokens / added_tokens_overrides: not implemented for the mistral-common "
+                          f"tokenizer ({path.name}) on this branch; they apply to a Hugging Face tokenizer "
+                          "(tokenizer_use_mistral_common: false)")
+    return customised_tokenizer(path, cfg.prepared_dir, cfg.tokens, cfg.special_tokens, cfg.added_tokens_overrides)
+
+
+def _base_tokenizer_file(cfg: Config) -> Path:
+    use_mc = cfg.tokenizer_use_mistral_common
     if cfg.tokenizer_path:
         path = cfg.resolve(cfg.tokenizer_path)
+        if path.is_dir():
+            return model_tokenizer_file(path, use_mistral_common=use_mc)
         if not path.is_file():
             raise ConfigError(f"tokenizer_path: {path} not found")
+        if not use_mc and not is_hf_tokenizer_file(path):
+            raise ConfigError(f"tokenizer_path: {path} is not a tokenizer.json, and tokenizer_use_mistral_common is "
+                              "false (the Hugging Face tokenizer path)")
         return path
-    if cfg.base_model in TINY_NAMES:
-        return tiny_tokenizer_path()  # the tokenizer alone: no model folder written
+    if cfg.base_model in TINY_NAMES:  # the tokenizer alone: no model folder written
+        hf = cfg.base_model == "tiny-random-hf" or not use_mc
+        return tiny_hf_tokenizer_path() if hf else tiny_tokenizer_path()
     local = cfg.resolve(cfg.base_model)
     if local is not None and local.is_dir():
-        return find_tokenizer_file(local)
+        return model_tokenizer_file(local, use_mistral_common=use_mc)
     from magistune.model_files import resolve_model_dir  # a hub id (the local HF cache); imports torch
 
-    return find_tokenizer_file(resolve_model_dir(cfg.base_model, cfg.config_dir))
+    return model_tokenizer_file(resolve_model_dir(cfg.base_model, cfg.config_dir), use_mistral_common=use_mc)
+
+
+def make_encoder(tokenizer_file: Path):
+    """data/encode.py's encoder for a mistral-common file, data/encode_hf.py's for a tokenizer.json."""
+    if is_hf_tokenizer_file(tokenizer_file):
+        return HFConversationEncoder(load_hf_tokenizer(tokenizer_file))
+    return ConversationEncoder(load_tokenizer(tokenizer_file))
 
 
 def _encode_dataset(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, rep: DataReport,
@@ -110,8 +139,10 @@ def image_options(cfg: Config, base_dir: Path) -> ImageOptions:
 def _record_options(ds: DatasetConfig, cfg: Config, encoder: ConversationEncoder, src) -> RecordOptions:
     base_dir = src.path if src.path is None or src.path.is_dir() else src.path.parent
     return RecordOptions(
-        ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg), encoder.ids.has_think, ds.train_on,
-        supports_images=encoder.instruct.image_encoder is not None,
+        ds.field_messages, ds.field_tools, system_prompt_for(ds, cfg),
+        encoder.ids.has_think or isinstance(encoder, HFConversationEncoder), ds.train_on,  # HF: the template decides
+        supports_images=encoder.supports_images if isinstance(encoder, HFConversationEncoder)
+        else encoder.instruct.image_encoder is not None,
         images=image_options(cfg, base_dir or cfg.config_dir),
         property_mappings=tuple((ds.message_property_mappings or {}).items()),
         roles=AXOLOTL_DEFAULT_ROLES if ds.roles is None else tuple((n, r) for r, names in ds.roles.items() for n in names),
@@ -216,7 +247,7 @@ def _cap_and_mix(samples: list[Sample], ds: DatasetConfig, seed: int) -> list[Sa
 
 def encode_all(cfg: Config, progress: bool = True) -> tuple[list[Sample], DataReport, Path]:
     tok_file = resolve_tokenizer_file(cfg)
-    encoder = ConversationEncoder(load_tokenizer(tok_file))
+    encoder = make_encoder(tok_file)
     rep = DataReport()
     samples: list[Sample] = []
     image_files: set[str] = set()

@@ -1,7 +1,7 @@
 """The preprocessing cache: tokenised samples under `dataset_prepared_path` (or `output_dir/prepared`).
 
-The key hashes everything that changes the samples: the data options of the config, the tokenizer file's
-bytes, every dataset's contents and the encoder's version. Same key → reuse; any change → a new folder.
+The key hashes everything that changes the samples: the data options of the config, the tokenizer files'
+names and bytes (tekken.json, or tokenizer.json with its chat template), every dataset's contents and the encoder's version. Same key → reuse; any change → a new folder.
 Layout of one entry (`<prepared>/<key[:16]>/`), written to a temporary folder and renamed when complete:
     tokens.npz    input_ids and labels as flat int32 arrays + offsets (4 + 4 bytes a token)
     images.bin    the original bytes of every image, back to back (memory-mapped on load)
@@ -29,19 +29,20 @@ from magistune.data.images import local_file_stamp
 from magistune.data.report import DataReport
 from magistune.data.sample import KTOSample, PreferenceSample, PreparedData, Sample
 from magistune.data.sources import SourceError, open_source, source_fingerprint, system_prompt_for
-from magistune.tokenizer import file_digest
+from magistune.hf_tokenizer import tokenizer_digest
 
 ENCODER_VERSION = 2  # bump when the encoding or labelling logic changes
 _DATA_KEYS = ("datasets", "sequence_len", "excess_length_strategy", "val_set_size", "system_prompt", "seed",
               "base_model", "tokenizer_path", "allow_image_urls", "max_images_per_sample", "max_image_tokens_per_sample",
-              "max_image_pixels", "allow_image_paths_outside_dataset", "rl", "shuffle_merged_datasets")
+              "max_image_pixels", "allow_image_paths_outside_dataset", "rl", "shuffle_merged_datasets",
+              "tokenizer_use_mistral_common", "added_tokens_overrides", "tokens", "special_tokens")
 
 
 def cache_key(cfg: Config, tokenizer_file: Path) -> str:
     h = hashlib.sha256()
     h.update(f"magistune {__version__} encoder {ENCODER_VERSION}\n".encode())
     h.update(json.dumps(cfg.model_dump(include=set(_DATA_KEYS), mode="json"), sort_keys=True).encode())
-    h.update(file_digest(tokenizer_file).encode())
+    h.update(tokenizer_digest(tokenizer_file).encode())  # every file of it: a tokenizer.json's template too
     for ds in cfg.datasets:
         h.update((system_prompt_for(ds, cfg) or "").encode())
         try:

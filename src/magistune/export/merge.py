@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from magistune.hf_tokenizer import copy_tokenizer_files, is_hf_tokenizer_file
 from magistune.export.names import param_names
 from magistune.model_files.shards import DEFAULT_SHARD_BYTES, TensorReader, TensorSpec, checkpoint_files, read_specs, write_sharded
 from magistune.model_files.system_prompt import SYSTEM_PROMPT_FILE
@@ -198,4 +199,7 @@ def copy_side_files(src: Path, out_dir: Path, tokenizer_file: Path | None = None
     config.setdefault("dtype", "bfloat16")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tokenizer_file is not None and Path(tokenizer_file).is_file():
-        shutil.copyfile(tokenizer_file, out_dir / Path(tokenizer_file).name)
+        copy_tokenizer_files(tokenizer_file, out_dir)  # tekken.json, or tokenizer.json and its siblings
+        if is_hf_tokenizer_file(tokenizer_file):  # trained with the HF tokenizer: it is the folder's only one
+            for f in [out_dir / "tekken.json", *out_dir.glob("tokenizer.model.v*")]:
+                f.unlink(missing_ok=True)

@@ -95,6 +95,9 @@ def hf_to_native(model_dir: Path, out_dir: Path, tokenizer_file: Path | None = N
     written in `dtype`, by default the one config.json declares (not the fp32 a CPU run trained in)."""
     config = text_config(Path(model_dir), "the native export", vision=True)
     tokenizer_file = Path(tokenizer_file) if tokenizer_file else find_tokenizer_file(Path(model_dir))
+    if tokenizer_file.name == "tokenizer.json":
+        raise ExportError(f"{tokenizer_file}: Mistral's native layout carries a mistral-common tokenizer (tekken.json); "
+                          "this model has a Hugging Face tokenizer.json: export it as hf or gguf instead")
     params = native_params(config.text_config if isinstance(config, Mistral3Config) else config)
     if isinstance(config, Mistral3Config):
         ids = SpecialIds.of(load_tokenizer(tokenizer_file))

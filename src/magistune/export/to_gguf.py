@@ -31,6 +31,8 @@ Not checked here: llama.cpp itself is not run (neither it nor llama-cpp-python i
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import sys
 import tempfile
@@ -124,15 +126,69 @@ def add_general(writer, name: str, n_params: int) -> None:
 
 
 def add_template(writer, tokenizer_file: Path) -> list[str]:
-    """tokenizer.chat_template: mistral-common's v13 layout (chat_template.py); other versions get none."""
+    """tokenizer.chat_template: mistral-common's v13 layout (chat_template.py); other versions get none. A Hugging
+    Face tokenizer's own template goes in as it is, less its {% generation %} markers (a training-only tag)."""
     from magistune.export.chat_template import CHAT_TEMPLATE
+    from magistune.hf_tokenizer import is_hf_tokenizer_file, load_hf_tokenizer
     from magistune.tokenizer import load_tokenizer, tokenizer_version
 
+    if is_hf_tokenizer_file(tokenizer_file):
+        template = load_hf_tokenizer(tokenizer_file).hf.chat_template
+        writer.add_chat_template(re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", template))
+        return []
     version = tokenizer_version(load_tokenizer(tokenizer_file))
     if version != "v13":
         return [f"no tokenizer.chat_template: the template reproduces tokenizer v13 (Magistral); this one is {version} "
                 "(format prompts with mistral-common, or give llama.cpp --chat-template-file)"]
     writer.add_chat_template(CHAT_TEMPLATE)
+    return []
+
+
+def add_hf_vocab(writer, tokenizer_file: Path, n_rows: int) -> list[str]:
+    """A Hugging Face byte-level BPE tokenizer.json as convert_hf_to_gguf's _set_vocab_gpt2 writes it: the token
+    texts, their types (control for special added tokens, user-defined for other added ones), the merges, and
+    the pre-tokenizer, which llama.cpp knows by name: only Tekken's split pattern is recognised here."""
+    import gguf
+
+    from magistune.hf_tokenizer import load_hf_tokenizer
+
+    hf = load_hf_tokenizer(tokenizer_file).hf
+    data = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
+    model, pre = data.get("model") or {}, json.dumps(data.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise ValueError(f"{tokenizer_file}: GGUF export of a Hugging Face tokenizer supports byte-level BPE only "
+                         f"(this one is {model.get('type')}); export with its mistral-common file instead")
+    if json.dumps(TEKKEN_PATTERN)[1:-1] not in pre:
+        raise ValueError(f"{tokenizer_file}: GGUF export of a Hugging Face tokenizer is implemented for Tekken's "
+                         "pre-tokenizer pattern only (llama.cpp names pre-tokenizers; this split pattern is not one "
+                         "magistune can name)")
+    if len(hf) > n_rows:
+        raise ValueError(f"{tokenizer_file}: {len(hf)} tokens, more than the model's {n_rows} embedding rows")
+    names = {i: t for t, i in hf.get_vocab().items()}
+    added = hf.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_rows):
+        if i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        elif i in names:
+            tokens.append(names[i])
+            types.append(gguf.TokenType.NORMAL)
+        else:  # embedding rows past the tokenizer, as convert_hf_to_gguf pads them
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("tekken")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for add, token_id in ((writer.add_bos_token_id, hf.bos_token_id), (writer.add_eos_token_id, hf.eos_token_id),
+                          (writer.add_unk_token_id, hf.unk_token_id), (writer.add_pad_token_id, hf.pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(hf.bos_token_id is not None)  # as add_vocab (the Tekken path) writes it
+    writer.add_add_eos_token(False)
     return []
 
 
@@ -201,7 +257,10 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "bf16", tokenizer_
     add_general(writer, model_dir.name, sum(int(np.prod(s.shape)) for _, s in located))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else gguf.LlamaFileType.MOSTLY_F16)
     add_hparams(writer, config)
-    notes = add_vocab(writer, tokenizer_file)
+    from magistune.hf_tokenizer import is_hf_tokenizer_file
+
+    hf = is_hf_tokenizer_file(tokenizer_file)
+    notes = add_hf_vocab(writer, tokenizer_file, config.vocab_size) if hf else add_vocab(writer, tokenizer_file)
     notes += add_template(writer, tokenizer_file)
 
     heads = {"self_attn.q_proj.weight": config.num_attention_heads, "self_attn.k_proj.weight": config.num_key_value_heads}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from magistune.config import Config, ConfigError, DatasetConfig
 from magistune.infer.loading import Loaded
+from magistune.tokenizer import image_encoder_of
 
 
 def evaluation_config(cfg: Config, datasets: list[str] | None) -> Config:
@@ -52,7 +53,7 @@ def evaluate_loaded(loaded: Loaded, samples: list, batch_size: int) -> dict:
     from magistune.train.batches import eval_batches
     from magistune.train.loss import evaluate, token_loss_sum
 
-    batches = eval_batches(samples, batch_size, loaded.special.pad, loaded.tokenizer.instruct_tokenizer.image_encoder)
+    batches = eval_batches(samples, batch_size, loaded.special.pad, image_encoder_of(loaded.tokenizer))
     result = evaluate(loaded.model, batches, token_loss_sum, loaded.autocast, loaded.device)
     return {
         "loss": result.loss,

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from magistune.config import Config, ConfigError, parse_config
-from magistune.tokenizer import SpecialIds, find_tokenizer_file
+from magistune.hf_tokenizer import model_tokenizer_file
+from magistune.tokenizer import SpecialIds
 
 
 @dataclass(frozen=True)
@@ -101,20 +102,22 @@ def resolve_source(cfg: Config | None, model: str | None = None, adapter: str | 
     check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
     if adapter_dir is not None:
         _note_other_base(adapter_dir, model_dir)
-    tok = cfg.resolve(cfg.tokenizer_path) if cfg.tokenizer_path else _tokenizer_in(model_dir, adapter_dir)
+    tok = cfg.resolve(cfg.tokenizer_path) if cfg.tokenizer_path else _tokenizer_in(model_dir, adapter_dir,
+                                                                                 cfg.tokenizer_use_mistral_common)
     if not tok.is_file():
         raise ConfigError(f"tokenizer_path: {tok} not found")
     # 4-bit only under a QLoRA adapter: the base alone (--base) loads as the config would load a full model.
     return ModelSource(cfg, model_dir, adapter_dir, tok, four_bit and adapter_dir is not None)
 
 
-def _tokenizer_in(model_dir: Path, adapter_dir: Path | None) -> Path:
-    try:
-        return find_tokenizer_file(model_dir)
-    except ValueError:
-        if adapter_dir is not None and (adapter_dir / "tekken.json").is_file():
-            return adapter_dir / "tekken.json"
-        raise
+def _tokenizer_in(model_dir: Path, adapter_dir: Path | None, use_mistral_common: bool = True) -> Path:
+    """The adapter folder's tokenizer first (training saved the one it used there), else the model folder's."""
+    if adapter_dir is not None:
+        try:
+            return model_tokenizer_file(adapter_dir, use_mistral_common)
+        except ValueError:
+            pass
+    return model_tokenizer_file(model_dir, use_mistral_common)
 
 
 def _note_other_base(adapter_dir: Path, model_dir: Path) -> None:

@@ -29,14 +29,14 @@ from magistune.data.errors import RecordError, short_error
 from magistune.data.images import IMAGE_PARTS, ImageOptions
 from magistune.data.records import MESSAGE_KEYS, ROLES, RecordOptions, image_chunks
 from magistune.model_files.system_prompt import system_message
-from magistune.tokenizer import load_tokenizer
+from magistune.hf_tokenizer import HFChatTokenizer, load_any_tokenizer
 
 _TRAINING_ONLY_KEYS = ("weight", "train")  # mean nothing at inference; dropped
 
 
 def load_chat_tokenizer(path: str | Path) -> MistralTokenizer:
     """The tokenizer in test (inference) mode: prompts end with the user's turn."""
-    return load_tokenizer(path, mode=ValidationMode.test)
+    return load_any_tokenizer(path, mode=ValidationMode.test)  # or an HF tokenizer.json (hf_tokenizer.py)
 
 
 def build_request(messages: Any, tools: Any = None, system_prompt: str | None = None, supports_thinking: bool = True,
@@ -100,12 +100,16 @@ def _images_of(i: int, msg: dict, images: ImageOptions | None) -> list | None:
 
 
 def takes_images(tokenizer: MistralTokenizer) -> bool:
-    """The tokenizer has an image encoder (Magistral Small 2509's has; the text-only models' have not)."""
-    return getattr(tokenizer.instruct_tokenizer, "image_encoder", None) is not None
+    """The tokenizer has an image encoder (Magistral Small 2509's has; the text-only models' and a Hugging Face
+    tokenizer's have not)."""
+    return getattr(getattr(tokenizer, "instruct_tokenizer", None), "image_encoder", None) is not None
 
 
 def encode_prompt(tokenizer: MistralTokenizer, request: ChatCompletionRequest) -> list[int]:
-    """The prompt ids: `<s>` … `[/INST]`, ready for the model to write the assistant turn."""
+    """The prompt ids: `<s>` … `[/INST]`, ready for the model to write the assistant turn. A Hugging Face
+    tokenizer renders its chat template with the generation prompt (hf_tokenizer.HFChatTokenizer.encode_prompt)."""
+    if isinstance(tokenizer, HFChatTokenizer):
+        return _hf_prompt(tokenizer, request)
     try:
         return list(tokenizer.encode_chat_completion(request).tokens)
     except Exception as e:  # validation errors and assertions from mistral-common's encoders
@@ -114,11 +118,21 @@ def encode_prompt(tokenizer: MistralTokenizer, request: ChatCompletionRequest) -
 
 def encode_with_images(tokenizer: MistralTokenizer, request: ChatCompletionRequest) -> tuple[list[int], list[np.ndarray]]:
     """The prompt ids and the (C, H, W) float32 pixels of its images, in the order of their tokens."""
+    if isinstance(tokenizer, HFChatTokenizer):  # no images: build_request refused them (takes_images is False)
+        return _hf_prompt(tokenizer, request), []
     try:
         tokenized = tokenizer.encode_chat_completion(request)
     except Exception as e:
         raise RecordError("rejected_by_mistral_common", f"mistral-common could not encode the prompt: {short_error(e)}") from None
     return list(tokenized.tokens), list(tokenized.images)
+
+
+def _hf_prompt(tokenizer: HFChatTokenizer, request: ChatCompletionRequest) -> list[int]:
+    try:
+        return tokenizer.encode_prompt(request)
+    except Exception as e:  # the template's raise_exception, jinja errors
+        raise RecordError("rejected_by_chat_template", f"the chat template could not render the prompt: "
+                                                       f"{short_error(e)}") from None
 
 
 def image_inputs(images: list[np.ndarray], device: torch.device) -> dict:

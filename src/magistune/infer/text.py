@@ -15,12 +15,16 @@ from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
+from magistune.hf_tokenizer import HFChatTokenizer
+
 # Control tokens the model writes into an answer ([TOOL_CALLS], [ARGS] …) are kept as their names: nothing
 # the model produced is hidden. [THINK], [/THINK] and </s> never reach here (thinking.py removes them).
 POLICY = SpecialTokenPolicy.KEEP
 
 
 def decode_text(tokenizer: MistralTokenizer, ids: list[int]) -> str:
+    if isinstance(tokenizer, HFChatTokenizer):
+        return tokenizer.decode(ids)
     return tokenizer.instruct_tokenizer.tokenizer.decode(ids, special_token_policy=POLICY)
 
 
@@ -28,7 +32,8 @@ class TextStream:
     """push(id) → the text that id completes (maybe ""); flush() → what is still held back."""
 
     def __init__(self, tokenizer: MistralTokenizer):
-        self.raw = tokenizer.instruct_tokenizer.tokenizer
+        # A Hugging Face tokenizer re-decodes the ids so far, as SentencePiece does (its decoder owns the bytes).
+        self.raw = tokenizer if isinstance(tokenizer, HFChatTokenizer) else tokenizer.instruct_tokenizer.tokenizer
         self.tekken = isinstance(self.raw, Tekkenizer)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._ids: list[int] = []  # SentencePiece: the ids so far, re-decoded (a piece's text depends on its neighbours)
@@ -52,4 +57,6 @@ class TextStream:
 
 
 def decode_text_raw(raw, ids: list[int]) -> str:
+    if isinstance(raw, HFChatTokenizer):
+        return raw.decode(ids)
     return raw.decode(ids, special_token_policy=POLICY)

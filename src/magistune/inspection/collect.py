@@ -17,7 +17,7 @@ from magistune.config import Config
 from magistune.data.report import Rejected
 from magistune.data.sample import IGNORE_INDEX, KTOSample, PreferenceSample
 from magistune.inspection.tokens import TokenNamer
-from magistune.tokenizer import load_tokenizer
+from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train.packing import pack_samples
 
 
@@ -153,7 +153,7 @@ def collect(cfg: Config) -> Inspection:
         summary.append(("sample_packing: " if cfg.sample_packing else "if packed (sample_packing is off): ")
                        + packed.describe())
     summary.append(f"cache: {cfg.prepared_dir} ({'reused' if data.from_cache else 'written'})")
-    namer = TokenNamer(load_tokenizer(data.tokenizer_file))
+    namer = TokenNamer(load_any_tokenizer(data.tokenizer_file))
     return Inspection(kind, items, figures, rep.rejected, rep.dropped, namer, cfg.sequence_len, summary)
 
 

@@ -37,22 +37,40 @@ class Token:
         return any(t != IGNORE_INDEX for t in self.labels)
 
 
+def _byte_level_map() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+_BYTE_OF = _byte_level_map()
+
+
 class TokenNamer:
     """id → bytes or control-token name, for one tokenizer."""
 
     def __init__(self, tokenizer: MistralTokenizer):
-        self.raw = tokenizer.instruct_tokenizer.tokenizer
+        self.hf = getattr(tokenizer, "hf", None)  # hf_tokenizer.HFChatTokenizer's transformers tokenizer
+        self.raw = tokenizer.instruct_tokenizer.tokenizer if self.hf is None else None
         self.special = SpecialIds.of(tokenizer)
         self.image_ids = {i for i in (self.special.img, self.special.img_break, self.special.img_end) if i is not None}
         self._names: dict[int, str | None] = {}
 
     def control_name(self, i: int) -> str | None:
         """`[INST]`, `</s>` … for a control token, None for a text token."""
+        if i not in self._names and self.hf is not None:
+            added = self.hf.added_tokens_decoder.get(i)
+            self._names[i] = added.content if added is not None and added.special else None
         if i not in self._names:
             self._names[i] = self.raw.id_to_piece(i) if self.raw.is_special(i) else None
         return self._names[i]
 
     def piece(self, i: int) -> bytes:
+        if self.hf is not None:  # byte-level BPE: each character of the token's text stands for one byte
+            text = self.hf.convert_ids_to_tokens(i)
+            if all(c in _BYTE_OF for c in text):
+                return bytes(_BYTE_OF[c] for c in text)
+            return self.hf.convert_tokens_to_string([text]).encode("utf-8")
         if hasattr(self.raw, "id_to_byte_piece"):  # Tekken
             return self.raw.id_to_byte_piece(i, SpecialTokenPolicy.KEEP)
         piece = self.raw.id_to_piece(i)  # SentencePiece: ▁ is a space, <0xNN> a byte

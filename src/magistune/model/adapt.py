@@ -21,12 +21,12 @@ autocast_adapter_dtype): for r=16 on all 280 linears of the 24B model that is 92
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from magistune.hf_tokenizer import copy_tokenizer_files
 from magistune.config import Config
 from magistune.model.load import ModelError
 from magistune.model.parts import decoder_prefix, in_decoder, vision_parts
@@ -179,6 +179,6 @@ def save_trained(model: nn.Module, out_dir: str | Path, cfg: Config, tokenizer_f
         model.save_pretrained(out_dir, safe_serialization=True)
         keep_declared_dtype(out_dir, cfg)
     if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, out_dir / Path(tokenizer_file).name)
+        copy_tokenizer_files(tokenizer_file, out_dir)  # tekken.json, or tokenizer.json and its siblings
     write_prompt_file(out_dir, resolve_system_prompt(cfg))
     return out_dir

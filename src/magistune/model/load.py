@@ -31,7 +31,8 @@ from magistune.config import Config
 from magistune.model import varlen_attention
 from magistune.model.parts import model_class, model_kind, outside_decoder
 from magistune.model_files import ModelError, check_layout, resolve_model_dir
-from magistune.tokenizer import find_tokenizer_file, load_tokenizer, vocab_size
+from magistune.hf_tokenizer import load_any_tokenizer
+from magistune.tokenizer import find_tokenizer_file, vocab_size
 
 
 # --- is it a model we can train -------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=Non
     config = check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
     if tokenizer is None:
         tok_path = cfg.resolve(cfg.tokenizer_path) or find_tokenizer_file(Path(model_dir))
-        tokenizer = load_tokenizer(tok_path)
+        tokenizer = load_any_tokenizer(tok_path)
     check_vocab(config, vocab_size(tokenizer), str(model_dir))
 
     cls = model_class(config)

@@ -21,6 +21,7 @@ import torch
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, MistralForCausalLM
 from transformers import PixtralVisionConfig
 
+from magistune.hf_tokenizer import copy_tokenizer_files, tiny_hf_tokenizer_path
 from magistune.tokenizer import (TINY_NAMES, SpecialIds, default_cache_dir, load_tokenizer, tiny_tokenizer_path,
                                  write_tiny_tekken)
 
@@ -103,7 +104,7 @@ def tiny_vision_config() -> Mistral3Config:
 
 
 def tiny_config(name: str) -> MistralConfig | Mistral3Config:
-    if name == "tiny-random":
+    if name in ("tiny-random", "tiny-random-hf"):  # -hf: the same model, Hugging Face tokenizer files
         return tiny_text_config()
     if name == "tiny-random-vision":
         return tiny_vision_config()
@@ -120,20 +121,23 @@ def _fingerprint(config) -> str:
 def materialize_tiny(name: str, root: Path | None = None) -> Path:
     """Write `tiny-random` or `tiny-random-vision` as a Hugging Face model folder (once) and return it.
 
-    The folder is <root>/<name>/<fingerprint>/ with config.json, model.safetensors and tekken.json.
+    The folder is <root>/<name>/<fingerprint>/ with config.json, model.safetensors and tekken.json (for
+    `tiny-random-hf`: tokenizer.json, tokenizer_config.json and chat_template.jinja instead, hf_tokenizer.py).
     Weights are stored in bf16, like the real checkpoints: 16.85M params x 2 bytes = 33.7 MB (the vision
     model adds 39.5K tower + 10.3K projector params: 33.8 MB). Loading them as fp32 is exact: every bf16
     value is an fp32 value.
     """
     config = tiny_config(name)
     root = Path(root) if root is not None else default_cache_dir()
-    target = root / name / _fingerprint(config)
+    tokenizer = tiny_hf_tokenizer_path() if name == "tiny-random-hf" else None
+    tag = _fingerprint(config) + (f"-{tokenizer.parent.name}" if tokenizer else "")  # the template's hash
+    target = root / name / tag
     if not (target / "config.json").is_file():
-        write_model_dir(config, target)
+        write_model_dir(config, target, hf_tokenizer=tokenizer)
     return target
 
 
-def write_model_dir(config: MistralConfig | Mistral3Config, target: Path) -> bool:
+def write_model_dir(config: MistralConfig | Mistral3Config, target: Path, hf_tokenizer: Path | None = None) -> bool:
     """Build a seeded random model for `config` and move it into `target`. True if this call's folder won.
 
     Writers race safely: each builds its own temporary folder next to the target and renames it into place;
@@ -147,7 +151,10 @@ def write_model_dir(config: MistralConfig | Mistral3Config, target: Path) -> boo
             torch.manual_seed(0)  # the same weights on every run
             model = cls(config)
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        write_tiny_tekken(tmp / "tekken.json")
+        if hf_tokenizer is None:
+            write_tiny_tekken(tmp / "tekken.json")
+        else:  # tokenizer.json, tokenizer_config.json, chat_template.jinja: no mistral-common file
+            copy_tokenizer_files(hf_tokenizer, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         try:
             os.rename(tmp, target)

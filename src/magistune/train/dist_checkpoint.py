@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from magistune.hf_tokenizer import copy_tokenizer_files
 from magistune.model.adapt import keep_declared_dtype
 from magistune.model_files.system_prompt import resolve_system_prompt, write_prompt_file
 from magistune.train import checkpoint as ckpt
@@ -105,7 +106,7 @@ def save_sharded(ranks: Ranks, mode: str, dtype: torch.dtype, out: Path, step: i
         try:
             if not adapter:
                 _base(model).config.save_pretrained(tmp / DCP_DIR)
-            shutil.copyfile(tokenizer_file, tmp / Path(tokenizer_file).name)
+            copy_tokenizer_files(tokenizer_file, tmp)
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             state = dict(trainer_state, parallel={"mode": mode, "world_size": ranks.world,
                                                   "kind": "adapter" if adapter else "full",
@@ -162,7 +163,7 @@ def save_consolidated(ranks: Ranks, model, out: Path, cfg, tokenizer_file: Path)
         else:
             model.save_pretrained(out, state_dict=full, safe_serialization=True)
             keep_declared_dtype(out, cfg)  # as model.save_trained does for one process
-        shutil.copyfile(tokenizer_file, out / Path(tokenizer_file).name)
+        copy_tokenizer_files(tokenizer_file, out)
         write_prompt_file(out, resolve_system_prompt(cfg))  # the system prompt the data was encoded with
     del full
     ranks.barrier()

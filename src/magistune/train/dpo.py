@@ -29,7 +29,8 @@ from magistune.config import Config, ConfigError
 from magistune.data.build import DataError, prepare_data, resolve_tokenizer_file
 from magistune.data.cache import cache_key
 from magistune.model import build_model, format_model_info, resolve_dtype, save_trained
-from magistune.tokenizer import SpecialIds, TokenizerError, load_tokenizer
+from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of
+from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import DataPosition, StepStream, every, steps_per_epoch, total_steps
 from magistune.train.launch import single_process_notes
@@ -107,7 +108,7 @@ class DPO:
             say(f"note: {note}")
         seed_everything(cfg.seed)
         self.data = data = prepare_data(cfg, progress=sys.stderr.isatty())
-        self.tokenizer = load_tokenizer(data.tokenizer_file)
+        self.tokenizer = load_any_tokenizer(data.tokenizer_file)  # tekken.json, or an HF tokenizer.json
         self.pad_id = SpecialIds.of(self.tokenizer).pad
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()
@@ -153,7 +154,7 @@ class DPO:
         self.save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
         if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
             say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
-        self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder
+        self.image_encoder = image_encoder_of(self.tokenizer)
 
     def load_checkpoint(self) -> None:
         state = {"step": 0, "position": DataPosition().to_dict(), "losses": [], "window": PreferenceTotals().to_dict()}

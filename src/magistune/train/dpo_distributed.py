@@ -31,7 +31,8 @@ from magistune.config import Config, ConfigError
 from magistune.data.build import prepare_data, resolve_tokenizer_file
 from magistune.data.cache import cache_key
 from magistune.model import format_model_info, resolve_dtype
-from magistune.tokenizer import SpecialIds, load_tokenizer
+from magistune.tokenizer import SpecialIds, image_encoder_of
+from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import DataPosition, every, items_per_rank, steps_per_epoch, total_steps
 from magistune.train.dist_checkpoint import check_resumable, load_sharded, save_consolidated, save_sharded
@@ -139,7 +140,7 @@ class DPODistributed:
             say(f"note: {note}")
         seed_everything(cfg.seed)
         self.data = data = run_main_first(ranks, lambda: prepare_data(cfg, progress=sys.stderr.isatty() and ranks.is_main))
-        self.tokenizer = load_tokenizer(data.tokenizer_file)
+        self.tokenizer = load_any_tokenizer(data.tokenizer_file)  # tekken.json, or an HF tokenizer.json
         resolved = resolved_config(cfg, self.pre.model_dir)
         agree(ranks, resolved, data)  # every rank has the same config and samples
         self.run_config = ckpt.run_config(resolved)  # saved in every checkpoint
@@ -190,7 +191,7 @@ class DPODistributed:
         self.save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
         if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
             say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
-        self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder
+        self.image_encoder = image_encoder_of(self.tokenizer)
 
     def load_checkpoint(self) -> None:
         state = {"step": 0, "position": DataPosition().to_dict(), "losses": [], "window": PreferenceTotals().to_dict()}

@@ -107,6 +107,9 @@ class GRPO:
             say(f"note: {', '.join(unused)}: not used with rl: grpo (no held-out loss; the rewards are in metrics.jsonl)")
         seed_everything(cfg.seed)
         self.tokenizer_file = resolve_tokenizer_file(cfg)
+        if self.tokenizer_file.name == "tokenizer.json":
+            raise ConfigError("rl: grpo with a Hugging Face tokenizer (tokenizer.json) is not implemented: its prompts "
+                              "and rewards use mistral-common's encoding; use the model's tekken.json")
         self.tokenizer = load_prompt_tokenizer(self.tokenizer_file)
         self.special = SpecialIds.of(self.tokenizer)
         self.data = load_prompts(cfg, self.tokenizer)

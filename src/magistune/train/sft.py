@@ -24,7 +24,8 @@ import torch
 from magistune.config import Config, ConfigError
 from magistune.data.build import DataError, prepare_data
 from magistune.model import build_model, format_model_info, resolve_dtype, save_trained
-from magistune.tokenizer import SpecialIds, TokenizerError, load_tokenizer
+from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of
+from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import DataPosition, StepStream, eval_batches, every, steps_per_epoch, total_steps
 from magistune.train.launch import single_process_notes
@@ -86,7 +87,7 @@ class SFT:
             say(f"note: {note}")
         seed_everything(cfg.seed)
         self.data = data = prepare_data(cfg, progress=sys.stderr.isatty())
-        self.tokenizer = load_tokenizer(data.tokenizer_file)
+        self.tokenizer = load_any_tokenizer(data.tokenizer_file)  # tekken.json, or an HF tokenizer.json
         self.pad_id = SpecialIds.of(self.tokenizer).pad
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
         self.out = cfg.out_dir.resolve()  # "examples/../outputs/x" → "outputs/x" in messages
@@ -133,7 +134,7 @@ class SFT:
         self.save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
         if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
             say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
-        self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder  # None without an image config
+        self.image_encoder = image_encoder_of(self.tokenizer)  # None without an image config
         self.pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else 0  # fixed shapes: batches sequence_len wide
 
     def load_checkpoint(self) -> None:

@@ -23,7 +23,8 @@ import torch
 from magistune.config import Config, ConfigError
 from magistune.data.build import DataError, prepare_data
 from magistune.model import format_model_info, resolve_dtype
-from magistune.tokenizer import SpecialIds, TokenizerError, load_tokenizer
+from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of
+from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import (
     DataPosition, StepStream, eval_batches, every, items_per_rank, steps_per_epoch, total_steps,
@@ -107,7 +108,7 @@ class SFTDistributed:
             say(f"note: {note}")
         seed_everything(cfg.seed)
         self.data = data = run_main_first(ranks, lambda: prepare_data(cfg, progress=sys.stderr.isatty() and ranks.is_main))
-        self.tokenizer = load_tokenizer(data.tokenizer_file)
+        self.tokenizer = load_any_tokenizer(data.tokenizer_file)  # tekken.json, or an HF tokenizer.json
         resolved = resolved_config(cfg, self.pre.model_dir)
         agree(ranks, resolved, data)  # every rank has the same config and samples
         self.run_config = ckpt.run_config(resolved)  # saved in every checkpoint
@@ -161,7 +162,7 @@ class SFTDistributed:
         self.save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
         if not n_eval and (cfg.eval_steps or cfg.evals_per_epoch):
             say("note: no eval split (val_set_size: 0): eval_steps/evals_per_epoch have nothing to evaluate")
-        self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder  # None without an image config
+        self.image_encoder = image_encoder_of(self.tokenizer)  # None without an image config
         self.pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else 0  # fixed shapes: batches sequence_len wide
 
     def load_checkpoint(self) -> None:
