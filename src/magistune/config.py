@@ -136,6 +136,10 @@ class Config(_Strict):
     base_model: str
     tokenizer_path: str | None = None  # default: <model dir>/tekken.json
     tokenizer_use_mistral_common: bool = True  # Axolotl's switch; mistral-common is the only tokenizer here
+    # --- token edits (issue 18; tokenizer_edit.py): named tokens, encoded as one id wherever text holds them ---
+    added_tokens_overrides: dict[int, str] | None = None  # {reserved slot id: new name}: renames, same vocab size
+    tokens: list[str] | None = None  # new tokens: free reserved slots, else (SentencePiece) the vocabulary grows
+    special_tokens: dict[str, str] | None = None  # Axolotl's bos/eos/pad/unk_token: only the tokenizer's own
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
     flash_attention: bool = False  # Axolotl's switch: same as attn_implementation: flash_attention_2

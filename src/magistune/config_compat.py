@@ -58,8 +58,6 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "push_dataset_to_hub": "pushing to the Hugging Face Hub is not built in (no hub access)",
     "deepspeed": "DeepSpeed is not supported; multi-GPU uses FSDP2 through torchrun",
     "chat_template_jinja": "magistune tokenises with mistral-common only; chat templates are not used",
-    "special_tokens": "special tokens come from the tokenizer file (tekken.json)",
-    "tokens": "adding tokens is not supported; the tokenizer file is used as is",
     "tokenizer_type": "the tokenizer is always mistral-common's",
     "model_type": "the model class comes from the model's config.json",
     "reward_model": "reward models are not implemented",

@@ -17,6 +17,8 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.base import SpecialTokens, TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from magistune.tokenizer_names import install_named_tokens
+
 # The 20 control tokens of the legacy Tekken files, in rank order, then fillers and the v11/v13 additions.
 _LEGACY_CONTROL = [
     "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
@@ -72,7 +74,7 @@ def tiny_tokenizer_path() -> Path:
 def load_tokenizer(path: str | Path, mode: ValidationMode = ValidationMode.finetuning) -> MistralTokenizer:
     """A mistral-common tokenizer. Fine-tuning mode (the default) wants conversations that end with the
     assistant; inference uses ValidationMode.test (they end with the user). Memoised on the file's path,
-    size and mtime: loading a Tekken file takes seconds."""
+    size and mtime: loading a Tekken file takes seconds. Named tokens (tokenizer_names.py) encode as their ids."""
     path = Path(path).resolve()
     if not path.is_file():
         raise TokenizerError(f"{path}: tokenizer file not found")
@@ -83,9 +85,11 @@ def load_tokenizer(path: str | Path, mode: ValidationMode = ValidationMode.finet
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(path: str, size: int, mtime_ns: int, mode: ValidationMode) -> MistralTokenizer:
     try:
-        return MistralTokenizer.from_file(path, mode=mode)
+        tokenizer = MistralTokenizer.from_file(path, mode=mode)
     except Exception as e:  # mistral-common raises ValueError, AssertionError, KeyError … on bad files
         raise TokenizerError(f"{path}: not a mistral-common tokenizer file ({type(e).__name__}: {e})") from None
+    install_named_tokens(tokenizer)
+    return tokenizer
 
 
 def find_tokenizer_file(model_dir: Path) -> Path:

@@ -30,6 +30,13 @@ from magistune.tokenizer import (TINY_NAMES, SpecialIds, TokenizerError, find_to
 
 
 def resolve_tokenizer_file(cfg: Config) -> Path:
+    """The run's tokenizer file: the base one (below) with the config's token edits applied (tokenizer_edit.py)."""
+    from magistune.tokenizer_edit import TokenEdits, run_tokenizer_file
+
+    return run_tokenizer_file(base_tokenizer_file(cfg), TokenEdits.of(cfg), cfg.prepared_dir / "tokenizer")
+
+
+def base_tokenizer_file(cfg: Config) -> Path:
     """tokenizer_path if set, else the model's own tekken.json (or tokenizer.model.v*)."""
     if cfg.tokenizer_path:
         path = cfg.resolve(cfg.tokenizer_path)

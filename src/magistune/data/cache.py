@@ -34,7 +34,8 @@ from magistune.tokenizer import file_digest
 ENCODER_VERSION = 2  # bump when the encoding or labelling logic changes
 _DATA_KEYS = ("datasets", "sequence_len", "excess_length_strategy", "val_set_size", "system_prompt", "seed",
               "base_model", "tokenizer_path", "allow_image_urls", "max_images_per_sample", "max_image_tokens_per_sample",
-              "max_image_pixels", "allow_image_paths_outside_dataset", "rl", "shuffle_merged_datasets")
+              "max_image_pixels", "allow_image_paths_outside_dataset", "rl", "shuffle_merged_datasets",
+              "added_tokens_overrides", "tokens", "special_tokens")
 
 
 def cache_key(cfg: Config, tokenizer_file: Path) -> str:

@@ -101,11 +101,23 @@ def resolve_source(cfg: Config | None, model: str | None = None, adapter: str | 
     check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
     if adapter_dir is not None:
         _note_other_base(adapter_dir, model_dir)
-    tok = cfg.resolve(cfg.tokenizer_path) if cfg.tokenizer_path else _tokenizer_in(model_dir, adapter_dir)
+    # The trained folder's own tokenizer first: training copied the run's tokenizer there (with the config's
+    # added_tokens_overrides / tokens applied), so the new names encode and decode as trained.
+    trained = adapter_dir or (model_dir if model is None and not base_only else None)
+    tok = _tokenizer_file_in(trained) if trained is not None else None
+    if tok is None:
+        tok = cfg.resolve(cfg.tokenizer_path) if cfg.tokenizer_path else _tokenizer_in(model_dir, adapter_dir)
     if not tok.is_file():
         raise ConfigError(f"tokenizer_path: {tok} not found")
     # 4-bit only under a QLoRA adapter: the base alone (--base) loads as the config would load a full model.
     return ModelSource(cfg, model_dir, adapter_dir, tok, four_bit and adapter_dir is not None)
+
+
+def _tokenizer_file_in(folder: Path) -> Path | None:
+    try:
+        return find_tokenizer_file(folder)
+    except ValueError:
+        return None
 
 
 def _tokenizer_in(model_dir: Path, adapter_dir: Path | None) -> Path:
