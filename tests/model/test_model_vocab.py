@@ -98,3 +98,15 @@ def test_lora_trains_saves_loads_and_merges_the_grown_rows(sp_model, tmp_path):
     assert emb.shape == (32002, 64) and torch.equal(emb, trained_emb.to(torch.bfloat16))
     merged, _ = load_model(_cfg(tmp_path / "merged"), tmp_path / "merged", CPU, tokenizer=load_tokenizer(out / SP_V1))
     assert vocab_growth(merged) is None  # already that size
+
+
+def test_meta_build_is_the_grown_model(sp_model):
+    """FSDP2 shards a weightless (meta-device) copy and fills it from rank 0's loaded model: same names, same shapes,
+    the same modules_to_save."""
+    model_dir, tok_file = sp_model
+    tok = load_tokenizer(tok_file)
+    cfg = _cfg(model_dir, adapter="lora", lora_target_linear=True, lora_r=4)
+    real, _, _ = build_model(cfg, CPU, tokenizer=tok)
+    meta, _, _ = build_model(cfg, CPU, tokenizer=tok, meta=True)
+    assert {n: t.shape for n, t in meta.state_dict().items()} == {n: t.shape for n, t in real.state_dict().items()}
+    assert meta.peft_config["default"].modules_to_save == real.peft_config["default"].modules_to_save
