@@ -10,7 +10,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from magistune.config import ConfigError, parse_config
 from magistune.tokenizer import TINY_SPECIAL_TOKENS, load_tokenizer, shipped_tokenizer_file, tiny_tokenizer_path
 from magistune.tokenizer_edit import TokenEdits, compress_ranges, free_slots, run_tokenizer_file
-from magistune.tokenizer_names import named_token_ids, read_sp_proto
+from magistune.tokenizer import named_token_ids, read_sp_proto
 
 SP_V1 = "tokenizer.model.v1"  # no reserved control slot: adding tokens grows it
 SP_V3 = "mistral_instruct_tokenizer_240323.model.v3"

@@ -7,7 +7,7 @@
                                                cannot grow (every text token's id would shift), so it says so
     special_tokens: {eos_token: "</s>"}        Axolotl's form, accepted where it restates the tokenizer's own
 
-The renamed and added tokens are "named tokens" (tokenizer_names.py): text containing their names encodes them as
+The renamed and added tokens are "named tokens" (tokenizer.py): text containing their names encodes them as
 single ids. The rewritten file keeps the original's name (tekken.json, tokenizer.model.v3, ...) and is written once
 per content under <prepared>/tokenizer/<hash>/; training copies it into output_dir, so chat, evaluate, merge and
 export read it from there. mistral-common itself loads it and decodes the new names.
@@ -27,7 +27,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from magistune.config import Config, ConfigError
 from magistune.tokenizer import file_digest, load_tokenizer
-from magistune.tokenizer_names import SP_USER_DEFINED, named_token_ids, read_sp_proto
+from magistune.tokenizer import SP_USER_DEFINED, named_token_ids, read_sp_proto
 
 SPECIAL_TOKEN_KEYS = {"bos_token": "bos_id", "eos_token": "eos_id", "pad_token": "pad_id", "unk_token": "unk_id"}
 SP_RESERVED = re.compile(r"\[control_\d+\]")  # SentencePiece's unused control pieces (v2, v3, v7)
@@ -163,7 +163,7 @@ def write_edited(src: Path, raw, plan: EditPlan, dest: Path) -> Path:
         special = [{"rank": i, "token_str": _slot_name(raw, i), "is_control": t.get("is_control", True) is not False}
                    for i, t in enumerate(raw._all_special_tokens)]
         for i, name in plan.renames.items():
-            special[i] = {"rank": i, "token_str": name, "is_control": False}  # a named token (tokenizer_names.py)
+            special[i] = {"rank": i, "token_str": name, "is_control": False}  # a named token (tokenizer.py)
         data["special_tokens"] = special
         tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     else:

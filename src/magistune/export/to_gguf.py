@@ -143,7 +143,7 @@ def add_vocab(writer, tokenizer_file: Path) -> list[str]:
     from gguf.vocab import MistralTokenizerType, MistralVocab
 
     from magistune.tokenizer import load_tokenizer
-    from magistune.tokenizer_names import named_token_ids
+    from magistune.tokenizer import named_token_ids
 
     notes = []
     with tempfile.TemporaryDirectory() as d:  # MistralVocab looks for the tokenizer file in a folder
@@ -156,7 +156,7 @@ def add_vocab(writer, tokenizer_file: Path) -> list[str]:
         types.append(kind)
     if len(tokens) != vocab.vocab_size:
         raise ValueError(f"{tokenizer_file}: {len(tokens)} tokens listed, vocabulary size {vocab.vocab_size}")
-    # Named tokens (added_tokens_overrides / tokens, tokenizer_names.py) are text markers, not control tokens:
+    # Named tokens (added_tokens_overrides / tokens, tokenizer.py) are text markers, not control tokens:
     # USER_DEFINED, which llama.cpp matches in prompt text and prints in output, as magistune encodes and decodes them.
     for i in named_token_ids(load_tokenizer(tokenizer_file).instruct_tokenizer.tokenizer).values():
         types[i] = gguf.TokenType.USER_DEFINED
