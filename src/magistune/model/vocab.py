@@ -37,7 +37,7 @@ def grow_vocab(model: nn.Module, n_tokens: int) -> tuple[int, int] | None:
             head.weight[old:] = mean_out.to(head.weight.dtype)
     setattr(model, GROWN_ATTR, (old, n_tokens))
     print(f"note: the tokenizer has {n_tokens} tokens, the model {old} embedding rows: embed_tokens and lm_head grow "
-          f"by {n_tokens - old} rows (each the mean of the existing rows) and train", file=sys.stderr)
+          f"by {n_tokens - old} rows (each new row starts as the mean of the existing rows)", file=sys.stderr)
     return old, n_tokens
 
 
