@@ -2,7 +2,9 @@
 
 For each targeted module the merged weight is W' = W + s · B @ A, with s = lora_alpha / r (lora_alpha / √r
 with rsLoRA), A the (r × in) and B the (out × r) matrix; for an embedding PEFT stores A as (r × vocab) and
-B as (dim × r), so W' = W + s · (B @ A)ᵀ. The sum is computed in fp32 and rounded to bf16 once.
+B as (dim × r), so W' = W + s · (B @ A)ᵀ. The sum is computed in fp32 and rounded to bf16 once. A module trained
+in full (PEFT modules_to_save: train_projector's projector, a grown vocabulary's embed_tokens and lm_head) replaces
+the base tensor, with its own shape; a grown vocabulary's size goes into config.json.
 
 Tensor by tensor. The base checkpoint is read one tensor at a time (safetensors.safe_open), merged, written
 into output shards whose header was planned up front (model_files/shards.py), and freed. Anonymous memory therefore
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import shutil
 from dataclasses import dataclass, field
@@ -83,13 +86,13 @@ class LoraAdapter:
             else:
                 if name.endswith(".base_layer.weight"):
                     base_layers[name[:-len(".base_layer.weight")] + ".weight"] = key
-                elif ".modules_to_save." in name:  # a module trained in full (a grown vocabulary's embeddings)
-                    module, _, param = name.partition(".modules_to_save.")
-                    trained[f"{module}.{param.removeprefix('default.')}"] = key
                 elif ".original_module." in name:
                     continue  # the frozen copy PEFT keeps beside a modules_to_save module: not used
-                elif name.endswith(".weight") and any(name.removesuffix(".weight") == m for m in saved_modules):
-                    base_layers[name] = key  # PEFT saved the (resized) embedding layer itself
+                elif ".modules_to_save." in name:  # a module trained in full, spelled with its wrapper's names
+                    module, _, param = name.partition(".modules_to_save.")
+                    trained[f"{module}.{param.removeprefix('default.')}"] = key
+                elif any(re.search(rf"(?:^|\.){re.escape(m)}\.", name) for m in saved_modules):
+                    trained.setdefault(name, key)  # a modules_to_save parameter, as PEFT names it in the model
                 else:
                     raise MergeError(f"{weights}: tensor {key} is not a LoRA matrix; this adapter type cannot be merged")
         modules = {}
