@@ -3,6 +3,7 @@
     rank 0  __init__ (the version), config_compat, tokenizer
     rank 1  config, hf_tokenizer   (Hugging Face tokenizers beside tokenizer's mistral-common ones)
     rank 2  model_files       where a base_model is and the files in it (tiny, local, HF cache, native layout)
+            tokenizer_edit    the run's tokenizer file: the config's token edits applied
     rank 3  data, model
     rank 4  export, train
     rank 5  infer             (may use train's loss and batches)
@@ -24,7 +25,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "magistune"
 LAYERS = {
     "__init__": 0, "config_compat": 0, "tokenizer": 0,
     "config": 1, "hf_tokenizer": 1,
-    "paths": 2,
+    "paths": 2, "tokenizer_edit": 2,
     "model_files": 2,
     "data": 3, "model": 3,
     "export": 4, "train": 4,

@@ -231,6 +231,15 @@ def _parse_size(text: str) -> int:
     raise ConfigError(f"--max-shard-size: '{text}' is not a size like 5GB, 500MB or 2GiB")
 
 
+def _tokenizer_in(folder):
+    from magistune.tokenizer import TokenizerError, find_tokenizer_file
+
+    try:
+        return find_tokenizer_file(folder)
+    except TokenizerError:
+        return None
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -252,7 +261,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"QLoRA run: the base is re-read in bf16 from the original checkpoint {base}, "
               "not dequantised from 4-bit", file=sys.stderr)
     try:
-        report = merge_adapter(base, adapter, out, resolve_tokenizer_file(cfg), _parse_size(args.max_shard_size),
+        tokenizer = _tokenizer_in(adapter) or resolve_tokenizer_file(cfg)  # the one training copied there first
+        report = merge_adapter(base, adapter, out, tokenizer, _parse_size(args.max_shard_size),
                                cfg.trust_remote_code)
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)

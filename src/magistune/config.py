@@ -136,10 +136,11 @@ class Config(_Strict):
     base_model: str
     tokenizer_path: str | None = None  # default: <model dir>/tekken.json
     tokenizer_use_mistral_common: bool = True  # false: the Hugging Face tokenizer.json and chat template (hf_tokenizer.py)
-    # Axolotl's tokenizer keys (docs/config.md): rename added tokens by id, add tokens, set bos/eos/pad/unk
-    added_tokens_overrides: dict[int, str] | None = None
-    tokens: list[str] | None = None
-    special_tokens: dict[str, str] | None = None
+    # --- token edits (Axolotl's keys; docs/config.md): mistral-common files via tokenizer_edit.py, Hugging Face
+    # tokenizers via hf_tokenizer.py. Named tokens encode as one id wherever text holds them.
+    added_tokens_overrides: dict[int, str] | None = None  # {reserved slot id: new name}: renames, same vocab size
+    tokens: list[str] | None = None  # new tokens: free reserved slots, else the vocabulary grows
+    special_tokens: dict[str, str] | None = None  # Axolotl's bos/eos/pad/unk_token
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = None
     flash_attention: bool = False  # Axolotl's switch: same as attn_implementation: flash_attention_2

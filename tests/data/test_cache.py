@@ -94,6 +94,19 @@ def test_rebuilt_when_a_data_key_changes(setup, change):
     assert prepare_data(setup(**change), progress=False).from_cache
 
 
+def test_rebuilt_when_token_edits_change(setup):
+    """tokens / added_tokens_overrides rewrite the run's tokenizer (prepared/tokenizer/...); special_tokens too is a
+    data key. Each change is a new entry; the same edits again reuse theirs."""
+    first = prepare_data(setup(), progress=False)
+    cfg = setup(tokens=["<CITE>"])
+    second = prepare_data(cfg, progress=False)
+    assert not second.from_cache and second.tokenizer_file != first.tokenizer_file
+    assert second.tokenizer_file.parent.parent == cfg.prepared_dir / "tokenizer"
+    assert prepare_data(setup(tokens=["<CITE>"]), progress=False).from_cache
+    assert not prepare_data(setup(tokens=["<CITE>"], added_tokens_overrides={30: "<X>"}), progress=False).from_cache
+    assert not prepare_data(setup(special_tokens={"eos_token": "</s>"}), progress=False).from_cache
+
+
 def test_not_rebuilt_for_training_keys(setup):
     prepare_data(setup(), progress=False)
     assert prepare_data(setup(learning_rate=1e-5, num_epochs=3, micro_batch_size=4), progress=False).from_cache

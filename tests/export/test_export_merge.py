@@ -98,6 +98,30 @@ def test_merge_vision_model_keeps_checkpoint_names(vision_dir, tmp_path):
     assert_bf16_close(logits(Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "m", dtype=torch.float32)), expected)
 
 
+def test_merge_writes_modules_to_save_in_full(vision_dir, tmp_path):
+    """A module PEFT trained in full (train_projector: modules_to_save; a grown vocabulary's embeddings likewise,
+    tests/model/test_model_vocab.py) replaces the base tensor; the merged model equals base + adapter."""
+    adapter = save_adapter("tiny-random-vision", tmp_path / "ad", seed=2, train_projector=True)
+    with torch.no_grad():  # give the trained copy weights of its own
+        model = PeftModel.from_pretrained(Mistral3ForConditionalGeneration.from_pretrained(vision_dir), adapter,
+                                          is_trainable=True)
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1)
+        model.save_pretrained(adapter)
+    merge_adapter(vision_dir, adapter, tmp_path / "m")
+    assert tensors(tmp_path / "m").keys() == tensors(vision_dir).keys()
+    base = Mistral3ForConditionalGeneration.from_pretrained(vision_dir, dtype=torch.float32)
+    expected = PeftModel.from_pretrained(base, adapter)
+    merged = Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        saved = {k.removeprefix("base_model.model."): f.get_tensor(k) for k in f.keys() if "lora_" not in k}
+    assert saved and all("multi_modal_projector" in k for k in saved)
+    for name, w in saved.items():  # the trained copies, rounded to bf16 once
+        assert torch.equal(merged.get_parameter(name), w.to(torch.bfloat16).float())
+    assert_bf16_close(logits(merged), logits(expected))
+
+
 def test_merge_qlora_uses_the_bf16_checkpoint(tiny_dir, tmp_path, capsys):
     """QLoRA: the adapter trained on NF4 weights is added to the original bf16 checkpoint. The merged model is
     compared with that (bf16 base + adapter, tight) and, for the record, with the model as trained (4-bit

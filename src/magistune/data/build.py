@@ -33,19 +33,21 @@ from magistune.tokenizer import TINY_NAMES, SpecialIds, TokenizerError, load_tok
 
 def resolve_tokenizer_file(cfg: Config) -> Path:
     """tokenizer_path if set, else the model's own tekken.json (or tokenizer.model.v*, or a Hugging Face
-    tokenizer.json with a chat template); with Axolotl's tokens / special_tokens / added_tokens_overrides, the
-    modified copy written under the prepared-data folder (hf_tokenizer.customised_tokenizer)."""
-    path = _base_tokenizer_file(cfg)
-    if not (cfg.tokens or cfg.special_tokens or cfg.added_tokens_overrides):
-        return path
-    if not is_hf_tokenizer_file(path):
-        raise ConfigError("tokens / special_tokens / added_tokens_overrides: not implemented for the mistral-common "
-                          f"tokenizer ({path.name}) on this branch; they apply to a Hugging Face tokenizer "
-                          "(tokenizer_use_mistral_common: false)")
-    return customised_tokenizer(path, cfg.prepared_dir, cfg.tokens, cfg.special_tokens, cfg.added_tokens_overrides)
+    tokenizer.json with a chat template), with the config's token edits (tokens / special_tokens /
+    added_tokens_overrides) applied: a modified copy under the prepared-data folder (tokenizer_edit.py for
+    mistral-common files, hf_tokenizer.customised_tokenizer for Hugging Face ones)."""
+    path = base_tokenizer_file(cfg)
+    if is_hf_tokenizer_file(path):
+        if not (cfg.tokens or cfg.special_tokens or cfg.added_tokens_overrides):
+            return path
+        return customised_tokenizer(path, cfg.prepared_dir, cfg.tokens, cfg.special_tokens, cfg.added_tokens_overrides)
+    from magistune.tokenizer_edit import TokenEdits, run_tokenizer_file
+
+    return run_tokenizer_file(path, TokenEdits.of(cfg), cfg.prepared_dir / "tokenizer")
 
 
-def _base_tokenizer_file(cfg: Config) -> Path:
+def base_tokenizer_file(cfg: Config) -> Path:
+    """tokenizer_path if set, else the model's own tokenizer file (mistral-common's, or the Hugging Face one)."""
     use_mc = cfg.tokenizer_use_mistral_common
     if cfg.tokenizer_path:
         path = cfg.resolve(cfg.tokenizer_path)

@@ -2,7 +2,9 @@
 
 For each targeted module the merged weight is W' = W + s · B @ A, with s = lora_alpha / r (lora_alpha / √r
 with rsLoRA), A the (r × in) and B the (out × r) matrix; for an embedding PEFT stores A as (r × vocab) and
-B as (dim × r), so W' = W + s · (B @ A)ᵀ. The sum is computed in fp32 and rounded to bf16 once.
+B as (dim × r), so W' = W + s · (B @ A)ᵀ. The sum is computed in fp32 and rounded to bf16 once. A module trained
+in full (PEFT modules_to_save: train_projector's projector, a grown vocabulary's embed_tokens and lm_head) replaces
+the base tensor, with its own shape; a grown vocabulary's size goes into config.json.
 
 Tensor by tensor. The base checkpoint is read one tensor at a time (safetensors.safe_open), merged, written
 into output shards whose header was planned up front (model_files/shards.py), and freed. Anonymous memory therefore
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import shutil
 from dataclasses import dataclass, field
@@ -53,7 +56,9 @@ class LoraAdapter:
     path: Path
     scale: float
     modules: dict[str, tuple[str, str, str]]  # module name → (A key, B key, "linear" | "embedding")
-    base_layers: dict[str, str]  # parameter name → key of a base weight PEFT saved in the adapter (loaded over the base)
+    # parameter name → key of a weight the adapter holds whole (loaded over the base): a base layer PEFT saved, or a
+    # modules_to_save module's trained copy (a grown vocabulary's embed_tokens / lm_head, with more rows)
+    base_layers: dict[str, str]
     reader: TensorReader
 
     @classmethod
@@ -68,6 +73,8 @@ class LoraAdapter:
         keys = [spec.name for _, spec in read_specs([weights])]
         parts: dict[str, dict[str, str]] = {}
         base_layers: dict[str, str] = {}
+        trained: dict[str, str] = {}  # parameter name → key of a modules_to_save tensor (replaces the base's)
+        saved_modules = cfg.get("modules_to_save") or []
         for key in keys:
             if not key.startswith(PREFIX):
                 raise MergeError(f"{weights}: unexpected tensor {key} (not under {PREFIX})")
@@ -80,6 +87,13 @@ class LoraAdapter:
             else:
                 if name.endswith(".base_layer.weight"):
                     base_layers[name[:-len(".base_layer.weight")] + ".weight"] = key
+                elif ".original_module." in name:
+                    continue  # the frozen copy PEFT keeps beside a modules_to_save module: not used
+                elif ".modules_to_save." in name:  # a module trained in full, spelled with its wrapper's names
+                    module, _, param = name.partition(".modules_to_save.")
+                    trained[f"{module}.{param.removeprefix('default.')}"] = key
+                elif any(re.search(rf"(?:^|\.){re.escape(m)}\.", name) for m in saved_modules):
+                    trained.setdefault(name, key)  # a modules_to_save parameter, as PEFT names it in the model
                 else:
                     raise MergeError(f"{weights}: tensor {key} is not a LoRA matrix; this adapter type cannot be merged")
         modules = {}
@@ -90,6 +104,7 @@ class LoraAdapter:
                 modules[module] = (p["eA"], p["eB"], "embedding")
             else:
                 raise MergeError(f"{weights}: module {module} has LoRA parts {sorted(p)}; expected A and B")
+        base_layers.update(trained)  # the trained copy wins over a saved base layer of the same parameter
         return cls(adapter_dir, scale, modules, base_layers, TensorReader({k: weights for k in keys}))
 
     def delta_into(self, module: str, w32: torch.Tensor) -> None:
@@ -108,7 +123,7 @@ def _check_supported(cfg: dict, where: Path) -> None:
         problems.append(f"peft_type {cfg.get('peft_type')} (only LORA)")
     for key, why in (("use_dora", "DoRA rescales each row by a learned magnitude"),
                      ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),
-                     ("modules_to_save", "fully trained extra modules"), ("fan_in_fan_out", "transposed (Conv1D) weights"),
+                     ("fan_in_fan_out", "transposed (Conv1D) weights"),
                      ("lora_bias", "LoRA biases"), ("layer_replication", "replicated layers"),
                      ("trainable_token_indices", "trained token rows"), ("target_parameters", "parameter targets")):
         if cfg.get(key):
@@ -153,7 +168,10 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer_fi
 
     out_dir.mkdir(parents=True, exist_ok=True)
     reader = TensorReader({s.name: path for path, s in located})
-    specs = [TensorSpec(s.name, torch.bfloat16 if s.dtype.is_floating_point else s.dtype, s.shape) for _, s in located]
+    saved_shape = {s.name: s.shape for _, s in read_specs([adapter_dir / "adapter_model.safetensors"])}
+    specs = [TensorSpec(s.name, torch.bfloat16 if s.dtype.is_floating_point else s.dtype,
+                        saved_shape[saved_base[s.name]] if s.name in saved_base else s.shape) for _, s in located]
+    grown = {spec.shape[0] for spec, (_, s) in zip(specs, located) if spec.shape[0] != s.shape[0]}
     report = MergeReport(out_dir, [], len(specs))
 
     def produce(spec: TensorSpec) -> torch.Tensor:
@@ -179,15 +197,16 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer_fi
         reader.close()
         adapter.reader.close()
     report.bytes_written = sum(s.nbytes for s in specs)
-    copy_side_files(base_dir, out_dir, tokenizer_file)
+    copy_side_files(base_dir, out_dir, tokenizer_file, vocab_size=max(grown) if grown else None)
     if (adapter_dir / SYSTEM_PROMPT_FILE).is_file():  # the prompt training used wins over the base model's
         shutil.copyfile(adapter_dir / SYSTEM_PROMPT_FILE, out_dir / SYSTEM_PROMPT_FILE)
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return report
 
 
-def copy_side_files(src: Path, out_dir: Path, tokenizer_file: Path | None = None) -> None:
-    """config.json (dtype bf16), generation config, tokenizer and processor files: everything but weights."""
+def copy_side_files(src: Path, out_dir: Path, tokenizer_file: Path | None = None, vocab_size: int | None = None) -> None:
+    """config.json (dtype bf16), generation config, tokenizer and processor files: everything but weights.
+    `vocab_size`: the grown vocabulary's rows (model/vocab.py), written into the (text) config."""
     for f in sorted(src.iterdir()):
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and f.name not in SKIP_FILES and f.name != "config.json":
             shutil.copyfile(f, out_dir / f.name)
@@ -197,6 +216,8 @@ def copy_side_files(src: Path, out_dir: Path, tokenizer_file: Path | None = None
             if key in holder:
                 holder[key] = "bfloat16"
     config.setdefault("dtype", "bfloat16")
+    if vocab_size is not None:
+        (config.get("text_config") or config)["vocab_size"] = vocab_size
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if tokenizer_file is not None and Path(tokenizer_file).is_file():
         copy_tokenizer_files(tokenizer_file, out_dir)  # tekken.json, or tokenizer.json and its siblings

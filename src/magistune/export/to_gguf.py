@@ -14,6 +14,7 @@ What is written, as llama.cpp's convert_hf_to_gguf.py writes a Mistral model (ar
              _set_vocab_mistral does: tokenizer.ggml.model "gpt2", pre "tekken", the 1,000 special tokens first
              (CONTROL), then the 130,072 byte-level tokens as GPT-2 byte-to-unicode strings (NORMAL), scores 0,
              the BPE merges recovered from Tekken's ranks, bos/eos/unk/pad ids, add_bos true, add_eos false.
+             Named tokens (a config's added_tokens_overrides / tokens) are typed USER_DEFINED, not CONTROL.
              (A SentencePiece tokenizer is written as tokenizer.ggml.model "llama", also by MistralVocab.)
 
 Also written:
@@ -194,7 +195,11 @@ def add_hf_vocab(writer, tokenizer_file: Path, n_rows: int) -> list[str]:
 
 def add_vocab(writer, tokenizer_file: Path) -> list[str]:
     """Tokenizer metadata as convert_hf_to_gguf's _set_vocab_mistral writes it. Returns notes."""
+    import gguf
     from gguf.vocab import MistralTokenizerType, MistralVocab
+
+    from magistune.tokenizer import load_tokenizer
+    from magistune.tokenizer import named_token_ids
 
     notes = []
     with tempfile.TemporaryDirectory() as d:  # MistralVocab looks for the tokenizer file in a folder
@@ -207,6 +212,10 @@ def add_vocab(writer, tokenizer_file: Path) -> list[str]:
         types.append(kind)
     if len(tokens) != vocab.vocab_size:
         raise ValueError(f"{tokenizer_file}: {len(tokens)} tokens listed, vocabulary size {vocab.vocab_size}")
+    # Named tokens (added_tokens_overrides / tokens, tokenizer.py) are text markers, not control tokens:
+    # USER_DEFINED, which llama.cpp matches in prompt text and prints in output, as magistune encodes and decodes them.
+    for i in named_token_ids(load_tokenizer(tokenizer_file).instruct_tokenizer.tokenizer).values():
+        types[i] = gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model(vocab.gguf_tokenizer_model)
     if vocab.tokenizer_type == MistralTokenizerType.tekken:
         writer.add_tokenizer_pre("tekken")

@@ -102,22 +102,25 @@ def resolve_source(cfg: Config | None, model: str | None = None, adapter: str | 
     check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
     if adapter_dir is not None:
         _note_other_base(adapter_dir, model_dir)
-    tok = cfg.resolve(cfg.tokenizer_path) if cfg.tokenizer_path else _tokenizer_in(model_dir, adapter_dir,
-                                                                                 cfg.tokenizer_use_mistral_common)
+    # The trained folder's own tokenizer first: training copied the run's tokenizer there (with the config's
+    # added_tokens_overrides / tokens applied), so the new names encode and decode as trained.
+    use_mc = cfg.tokenizer_use_mistral_common
+    trained = adapter_dir or (model_dir if model is None and not base_only else None)
+    tok = _tokenizer_file_in(trained, use_mc) if trained is not None else None
+    if tok is None:
+        tok = cfg.resolve(cfg.tokenizer_path) if cfg.tokenizer_path else model_tokenizer_file(model_dir, use_mc)
     if not tok.is_file():
         raise ConfigError(f"tokenizer_path: {tok} not found")
     # 4-bit only under a QLoRA adapter: the base alone (--base) loads as the config would load a full model.
     return ModelSource(cfg, model_dir, adapter_dir, tok, four_bit and adapter_dir is not None)
 
 
-def _tokenizer_in(model_dir: Path, adapter_dir: Path | None, use_mistral_common: bool = True) -> Path:
-    """The adapter folder's tokenizer first (training saved the one it used there), else the model folder's."""
-    if adapter_dir is not None:
-        try:
-            return model_tokenizer_file(adapter_dir, use_mistral_common)
-        except ValueError:
-            pass
-    return model_tokenizer_file(model_dir, use_mistral_common)
+def _tokenizer_file_in(folder: Path, use_mistral_common: bool = True) -> Path | None:
+    """The folder's tokenizer file (model_tokenizer_file), or None when it has none."""
+    try:
+        return model_tokenizer_file(folder, use_mistral_common)
+    except ValueError:
+        return None
 
 
 def _note_other_base(adapter_dir: Path, model_dir: Path) -> None:

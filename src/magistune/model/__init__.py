@@ -17,10 +17,12 @@ import torch.nn as nn
 
 from magistune.config import Config
 from magistune.model.adapt import (
-    apply_lora, enable_checkpointing, freeze_vision, load_adapter, lora_target_regex, save_trained,
+    apply_lora, enable_checkpointing, freeze_vision, grown_embeddings, load_adapter, lora_target_regex, save_trained,
 )
 from magistune.model.fp8 import apply_base_fp8
 from magistune.model.fused import apply_fused_parts, apply_lora_kernels
+from magistune.model.vocab import vocab_growth
+from magistune.tokenizer import vocab_size
 from magistune.model.load import (
     ModelError,
     ModelInfo,
@@ -45,7 +47,7 @@ def build_model(cfg: Config, device: torch.device, tokenizer=None,
     model_dir = resolve_model_dir(cfg.base_model, cfg.config_dir)
     device = torch.device(device)
     if meta:
-        model = empty_model(cfg, model_dir, device)
+        model = empty_model(cfg, model_dir, device, vocab_size(tokenizer) if tokenizer is not None else None)
     else:
         model, _ = load_model(cfg, model_dir, device, tokenizer=tokenizer, training=True)
     model, notes = adapt_model(model, cfg, device, adapter_weights=not meta)
@@ -64,7 +66,12 @@ def adapt_model(model: nn.Module, cfg: Config, device: torch.device,
             enable_checkpointing(model)
         model = load_adapter(model, cfg.resolve(cfg.lora_model_dir), is_trainable=True, weights=adapter_weights)
     elif cfg.adapter:
+        grown = grown_embeddings(model)
         model = apply_lora(model, cfg)
+        if grown:
+            old, new = vocab_growth(model)
+            notes.append(f"the vocabulary grew from {old} to {new} tokens: {' and '.join(grown)} train in full beside "
+                         "LoRA and are saved with the adapter (PEFT modules_to_save)")
     else:
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)

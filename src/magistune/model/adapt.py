@@ -30,6 +30,7 @@ from magistune.hf_tokenizer import copy_tokenizer_files
 from magistune.config import Config
 from magistune.model.load import ModelError
 from magistune.model.parts import decoder_prefix, in_decoder, vision_parts
+from magistune.model.vocab import embedding_module_names, vocab_growth
 from magistune.model_files.system_prompt import resolve_system_prompt, write_prompt_file
 
 # Module types LoRA can wrap (bitsandbytes' Linear4bit is an nn.Linear).
@@ -110,6 +111,11 @@ def freeze_vision(model: nn.Module, cfg: Config) -> None:
                 p.requires_grad = False
 
 
+def grown_embeddings(model: nn.Module) -> list[str]:
+    """embed_tokens and lm_head when the model grew to its tokenizer (model/vocab.py): their new rows must train."""
+    return embedding_module_names(model) if vocab_growth(model) else []
+
+
 def apply_lora(model: nn.Module, cfg: Config) -> PeftModel:
     """Wrap `model` in LoRA adapters as cfg says (lora_r, lora_alpha, ...); only the adapters train."""
     if cfg.gradient_checkpointing:
@@ -121,7 +127,8 @@ def apply_lora(model: nn.Module, cfg: Config) -> PeftModel:
         use_dora=cfg.peft_use_dora,
         use_rslora=cfg.peft_use_rslora,
         target_modules=lora_target_regex(model, cfg),
-        modules_to_save=vision_modules_to_train(model, cfg) or None,  # trained in full, saved with the adapter
+        # trained in full, saved with the adapter: the vision parts asked for, a grown vocabulary's embeddings
+        modules_to_save=vision_modules_to_train(model, cfg) + grown_embeddings(model) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -30,6 +30,7 @@ from transformers import AutoConfig, BitsAndBytesConfig, MistralConfig, Pretrain
 from magistune.config import Config
 from magistune.model import varlen_attention
 from magistune.model.parts import model_class, model_kind, outside_decoder
+from magistune.model.vocab import GROWN_ATTR, grow_vocab, unfreeze_embeddings
 from magistune.model_files import ModelError, check_layout, resolve_model_dir
 from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.tokenizer import find_tokenizer_file, vocab_size
@@ -74,11 +75,13 @@ def _check_weights(path: Path) -> None:
 
 
 def check_vocab(config: PretrainedConfig, tokenizer_vocab: int, where: str) -> None:
+    """A tokenizer with more tokens than embedding rows grows the model after loading (model/vocab.py); one with
+    fewer is the wrong tokenizer."""
     rows = config.get_text_config().vocab_size
-    if rows != tokenizer_vocab:
+    if rows > tokenizer_vocab:
         raise ModelError(
             f"{where}: the tokenizer has {tokenizer_vocab} tokens but the model's embedding has {rows} rows; "
-            "they must be the same (is tokenizer_path the model's own tokenizer?)"
+            "a tokenizer needs at least as many tokens as the model has rows (is tokenizer_path the model's own tokenizer?)"
         )
 
 
@@ -123,7 +126,8 @@ def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=Non
 
     Full fine-tuning honours unfrozen_parameters; with an adapter every weight is still trainable here and
     apply_lora / load_adapter freeze them. `tokenizer` (a MistralTokenizer) defaults to cfg.tokenizer_path,
-    else the model folder's own; only its vocabulary size is used. `training`: see resolve_attn.
+    else the model folder's own; only its vocabulary size is used: a larger one grows the embeddings and lm_head
+    (model/vocab.py). `training`: see resolve_attn.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -142,9 +146,12 @@ def load_model(cfg: Config, model_dir: Path, device: torch.device, tokenizer=Non
     model = cls.from_pretrained(model_dir, config=config, **kwargs)
     if cfg.load_in_4bit and device.type == "cpu":
         keep_4bit_layout_on_cpu(model)
+    grown = grow_vocab(model, vocab_size(tokenizer))
 
     if cfg.adapter is None and cfg.unfrozen_parameters:
         freeze_except(model, cfg.unfrozen_parameters)
+    if grown and cfg.adapter is None:
+        unfreeze_embeddings(model)  # the new rows must learn
     return model, model_info(model)
 
 
@@ -163,13 +170,20 @@ def keep_4bit_layout_on_cpu(model: nn.Module) -> int:
     return len(layers)
 
 
-def empty_model(cfg: Config, model_dir: Path, device: torch.device) -> nn.Module:
+def empty_model(cfg: Config, model_dir: Path, device: torch.device, n_tokens: int | None = None) -> nn.Module:
     """The model of `model_dir` on the meta device: its modules and shapes, no weights, no memory. What load_model
-    would build for `device` (same dtype and attention), before anything is loaded into it."""
+    would build for `device` (same dtype and attention), before anything is loaded into it; `n_tokens` (the
+    tokenizer's size) above the model's rows builds it grown, as load_model grows it."""
     config = check_model_dir(model_dir, trust_remote_code=cfg.trust_remote_code)
     config._attn_implementation = resolve_attn(cfg, device, training=True)
+    rows = config.get_text_config().vocab_size
+    if n_tokens is not None and n_tokens > rows:
+        config.get_text_config().vocab_size = n_tokens
     with torch.device("meta"):
-        return model_class(config)._from_config(config, dtype=resolve_dtype(cfg, device))
+        model = model_class(config)._from_config(config, dtype=resolve_dtype(cfg, device))
+    if n_tokens is not None and n_tokens > rows:
+        setattr(model, GROWN_ATTR, (rows, n_tokens))
+    return model
 
 
 def _nf4_config(cls: type[nn.Module], config: PretrainedConfig, dtype: torch.dtype,

@@ -188,7 +188,7 @@ RUN_KEYS = ("base_model", "tokenizer_path", "datasets", "sequence_len", "excess_
             "system_prompt", "system_prompt_file", "sample_packing", "adapter", "load_in_4bit", "load_in_8bit",
             "lora_model_dir", "lora_r", "lora_alpha", "lora_target_modules", "lora_target_linear", "peft_use_dora",
             "peft_use_rslora", "unfrozen_parameters", "train_vision_tower", "train_projector", "micro_batch_size",
-            "gradient_accumulation_steps", "num_epochs", "max_steps", "seed", "rl")
+            "gradient_accumulation_steps", "num_epochs", "max_steps", "seed", "rl", "added_tokens_overrides", "tokens")
 
 
 def run_config(resolved: dict) -> dict:
