@@ -54,9 +54,12 @@ def test_a_tokenizer_path_must_match_the_switch(write_config, tmp_path):
     assert resolve_tokenizer_file(cfg_of(write_config, tokenizer_path=str(folder))) == folder / "tokenizer.json"
 
 
-def test_token_keys_with_mistral_common_say_so(write_config):
-    with pytest.raises(ConfigError, match="not implemented for the mistral-common tokenizer"):
-        resolve_tokenizer_file(cfg_of(write_config, tokens=["<m>"]))
+def test_token_keys_pick_the_editor_of_the_tokenizer_kind(write_config):
+    """mistral-common files are edited by tokenizer_edit (a tekken.json), Hugging Face ones by hf_tokenizer."""
+    mc = resolve_tokenizer_file(cfg_of(write_config, tokens=["<m>"]))
+    hf = resolve_tokenizer_file(cfg_of(write_config, tokenizer_use_mistral_common=False, tokens=["<m>"]))
+    assert mc.name == "tekken.json" and "<m>" in mc.read_text(encoding="utf-8")
+    assert hf.name == "tokenizer.json" and "<m>" in hf.read_text(encoding="utf-8")
 
 
 def test_added_tokens_reach_the_samples_and_the_prepared_folder(write_config, tmp_path):
