@@ -225,6 +225,8 @@ class Config(_Strict):
     fsdp_config: dict[str, Any] | None = None  # Axolotl's FSDP settings, mapped onto the keys above
     ddp: bool = False  # DistributedDataParallel: a whole model on every GPU (small models, LoRA)
     ddp_timeout: int = Field(default=1800, ge=1)  # seconds a collective may wait for the other ranks
+    sequence_parallel_degree: int = Field(default=1, ge=1)  # Ulysses: each row split over this many processes
+    context_parallel_size: int | None = Field(default=None, ge=1)  # Axolotl's newer name for the same
 
     # --- evaluation, checkpoints, logging ------------------------------------------------------
     eval_steps: int | None = Field(default=None, ge=1)
@@ -273,6 +275,15 @@ class Config(_Strict):
     def _axolotl_fsdp(cls, data: Any) -> Any:
         return normalise_axolotl_fsdp(dict(data)) if isinstance(data, dict) else data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _context_parallel_size(cls, data: Any) -> Any:
+        """Axolotl's newer name: context_parallel_size: N alone means sequence_parallel_degree: N."""
+        if isinstance(data, dict) and isinstance(data.get("context_parallel_size"), int) \
+                and "sequence_parallel_degree" not in data:
+            data = {**data, "sequence_parallel_degree": data["context_parallel_size"]}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         if self.adapter == "qlora" and not self.load_in_4bit:
@@ -319,6 +330,12 @@ class Config(_Strict):
             self.resume_from_checkpoint = None
         if self.activation_offloading and not self.gradient_checkpointing:
             self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
+        if self.context_parallel_size not in (None, self.sequence_parallel_degree):
+            raise ValueError(f"context_parallel_size ({self.context_parallel_size}) and sequence_parallel_degree "
+                             f"({self.sequence_parallel_degree}) are the same setting; set one of them")
+        if self.sequence_parallel_degree > 1 and self.rl is not None:
+            raise ValueError(f"sequence_parallel_degree: not implemented with rl: {self.rl} (supervised "
+                             "fine-tuning only)")
         self._check_preference()
         self._check_grpo()
         if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):

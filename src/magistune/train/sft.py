@@ -82,6 +82,9 @@ class SFT:
     def setup_data(self) -> None:
         cfg, say = self.cfg, self.say
         self.pre = preflight(cfg)
+        if cfg.sequence_parallel_degree > 1:
+            raise ConfigError(f"sequence_parallel_degree: {cfg.sequence_parallel_degree} splits each row over that many "
+                              "processes, and this is one; use `magistune train CONFIG --nproc N` (N a multiple of it)")
         for note in single_process_notes(cfg) + self.pre.notes:
             say(f"note: {note}")
         seed_everything(cfg.seed)
