@@ -205,6 +205,7 @@ class Config(_Strict):
     tiled_mlp_num_shards: int | None = Field(default=None, ge=2)  # default ceil(sequence_len / hidden_size)
     liger_glu_activation: bool = False  # SiLU(gate)·up in liger's Triton kernel (CUDA)
     liger_rms_norm: bool = False  # RMSNorm in liger's Triton kernel (CUDA)
+    skip_memory_check: bool = False  # train although the memory estimate exceeds the GPU's memory
 
     # --- preference tuning (issue 13): TRL's meanings and defaults, Axolotl's key names ---------
     rl: Literal["dpo", "ipo", "orpo", "simpo", "kto", "grpo"] | None = None  # None: supervised fine-tuning

@@ -28,6 +28,7 @@ from magistune.tokenizer import SpecialIds, TokenizerError, load_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import DataPosition, StepStream, eval_batches, every, steps_per_epoch, total_steps
 from magistune.train.launch import single_process_notes
+from magistune.train.memory_estimate import preflight_memory
 from magistune.train.loss import evaluate, forward_backward, loss_fn_for
 from magistune.train.metrics import MetricsLogger, Printer, Window, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
@@ -87,6 +88,7 @@ class SFT:
                               "processes, and this is one; use `magistune train CONFIG --nproc N` (N a multiple of it)")
         for note in single_process_notes(cfg) + self.pre.notes:
             say(f"note: {note}")
+        say(preflight_memory(cfg, self.pre.model_dir, self.pre.device))  # refuses what cannot fit on this GPU
         seed_everything(cfg.seed)
         self.data = data = prepare_data(cfg, progress=sys.stderr.isatty())
         self.tokenizer = load_tokenizer(data.tokenizer_file)

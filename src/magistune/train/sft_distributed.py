@@ -36,6 +36,7 @@ from magistune.train.distributed import (
     DistributedError, Ranks, agree, clip_grad_norm_, eval_share, join, mode_notes, run_main_first, step_total,
     token_normaliser,
 )
+from magistune.train.memory_estimate import preflight_memory
 from magistune.train.loss import evaluate, forward_backward, loss_fn_for
 from magistune.train.metrics import MetricsLogger, Printer, QuietLogger, Window, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
@@ -106,6 +107,8 @@ class SFTDistributed:
         error = None
         try:  # rank 0 alone locks output_dir, checks it for an earlier run and verifies the checkpoint
             self.pre = preflight(cfg, main=ranks.is_main)
+            memory = preflight_memory(cfg, self.pre.model_dir, self.pre.device, world=ranks.world,
+                                      sp_degree=cfg.sequence_parallel_degree, fsdp=self.mode == "fsdp")
         except SETUP_ERRORS as e:
             error = e
         if ranks.any(error is not None):  # every rank stops (none waits in a collective for rank 0)
@@ -113,6 +116,7 @@ class SFTDistributed:
         self.pre.resume = ranks.broadcast_object(self.pre.resume)  # rank 0's choice: it skipped damaged ones
         for note in mode_notes(cfg, self.mode, ranks.world) + self.pre.notes:
             say(f"note: {note}")
+        say(memory)
         self.setup_sequence_parallel()
         seed_everything(cfg.seed)
         self.data = data = run_main_first(ranks, lambda: prepare_data(cfg, progress=sys.stderr.isatty() and ranks.is_main))
