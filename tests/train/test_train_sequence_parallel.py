@@ -1,5 +1,5 @@
 """sequence_parallel.py's pieces that need no second process (tests/distributed/test_sequence_parallel.py runs
-two): the config keys, the head and process checks, the padding to a multiple of the degree and the packed mask."""
+two): the config keys, the head and process checks, the padding to a multiple of the degree."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from magistune import cli
 from magistune.config import ConfigError, parse_config
 from magistune.data.sample import IGNORE_INDEX
 from magistune.train.batches import Batch
-from magistune.train.sequence_parallel import block_causal_mask, check_degree, padded_to_multiple
+from magistune.train.sequence_parallel import check_degree, padded_to_multiple
 
 BASE = {"base_model": "tiny-random", "datasets": [{"path": "data.jsonl"}]}
 MAGISTRAL = SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, sliding_window=None)
@@ -61,11 +61,6 @@ def test_padding_to_a_multiple_of_the_degree():
     assert p.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]  # the last sample goes on: no new sample starts
     assert p.n_trained == b.n_trained
     assert padded_to_multiple(b, 5, pad_id=11) is b
-
-
-def test_block_causal_mask_keeps_samples_apart():
-    mask = block_causal_mask(torch.tensor([[0, 1, 2, 0, 1]]))[0, 0].int().tolist()
-    assert mask == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
 
 
 def test_one_process_refuses_a_degree_above_1(write_config, write_jsonl, tmp_path, capsys, monkeypatch):

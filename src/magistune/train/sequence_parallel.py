@@ -25,8 +25,8 @@ FSDP2 average over all N = P × D ranks (÷ N), so the divisor of each rank's lo
 The D = N / P groups are data-parallel: group g (ranks g·P … g·P+P-1) trains item g, g+D, … of each epoch.
 
 Attention kernel on the full sequence: unpacked rows are causal (right padding is exact under the causal rule);
-packed rows attend within their samples: torch's varlen kernel on CUDA (model/varlen_attention.py), a dense
-block-diagonal mask elsewhere (the CPU, tests). Gloo (CPU) implements all_to_all, so the same code runs there.
+packed rows attend within their samples: torch's varlen kernel on CUDA (model/varlen_attention.py), one attention
+per sample elsewhere (the CPU, tests); no T × T mask either way. Gloo (CPU) implements all_to_all, so the same code runs there.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from magistune.config import ConfigError
 from magistune.data.sample import IGNORE_INDEX
-from magistune.model.varlen_attention import available as varlen_available, varlen_attention
+from magistune.model.varlen_attention import varlen_attention
 from magistune.train.batches import Batch, cu_seq_lens_varlen
 from magistune.train.loss import cce_sum, cce_unusable, chunked_ce_sum, decoder_and_head, fallback_note, note_once
 from magistune.train.offload import OffloadActivations
@@ -115,14 +115,6 @@ class AllToAll(torch.autograd.Function):
 
 # --- the attention function ----------------------------------------------------------------------------------
 
-def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) booleans for packed rows: causal, and only within a sample (a sample starts at position 0)."""
-    doc = (position_ids == 0).cumsum(dim=1)  # (B, T): which sample each token belongs to
-    t = position_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
-
-
 def ulysses_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature; the slices' q (B, H, T/P, D), k/v (B, H_kv, T/P, D) → (B, T/P, H, D).
 
@@ -136,12 +128,11 @@ def ulysses_attention(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     q, k, v = (AllToAll.apply(x, sp.group, 1, 2) for x in (query, key, value))  # heads scattered, sequence gathered
-    if positions is not None and varlen_available(q.device):
+    if positions is not None:  # packed rows: causal inside each sample (varlen kernel, or sample by sample)
         out, _ = varlen_attention(module, q, k, v, None, dropout=dropout, scaling=scaling,
                                   **cu_seq_lens_varlen(positions))
-    else:
-        mask = None if positions is None else block_causal_mask(positions)
-        out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
+    else:  # causal over the row: right padding is exact
+        out, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, **kwargs)
     return AllToAll.apply(out, sp.group, 1, 2), None  # (B, T, H/P, D) → (B, T/P, H, D)
 
 
@@ -212,6 +203,6 @@ def sp_normaliser(normaliser, degree: int):
     return lambda n_trained: normaliser(n_trained) / degree
 
 
-__all__ = ["NAME", "AllToAll", "SequenceGroup", "all_to_all", "block_causal_mask", "check_degree", "new_groups",
+__all__ = ["NAME", "AllToAll", "SequenceGroup", "all_to_all", "check_degree", "new_groups",
            "padded_to_multiple", "register", "slice_loss_fn", "slice_loss_sum", "sp_normaliser", "ulysses_attention",
            "use_ulysses"]
