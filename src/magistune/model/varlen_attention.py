@@ -53,10 +53,10 @@ def per_sample_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: 
     groups = q.shape[1] // k.shape[1]
     out = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # (H, n, D)
-        if groups > 1:
-            ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1))
+        qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))  # (1, H, n, D): 4-D, which the CPU's
+        if groups > 1:                                                      # flash kernel needs (3-D: the math one,
+            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)  # 20× slower)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling)[0].transpose(0, 1))
     return torch.cat(out)
 
 
