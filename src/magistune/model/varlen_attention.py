@@ -51,11 +51,12 @@ def per_sample_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: 
                          scaling: float | None) -> torch.Tensor:
     """(N, H, D) flattened tokens, samples at cu[i]:cu[i+1] → (N, H, D): causal attention inside each sample."""
     groups = q.shape[1] // k.shape[1]
-    out = []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))  # (1, H, n, D): 4-D, which the CPU's
-        if groups > 1:                                                      # flash kernel needs (3-D: the math one,
-            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)  # 20× slower)
+    lengths = cu.diff().tolist()  # split, not one slice each: its backward is one concatenation, where slices'
+    out = []                      # would each fill a zero tensor of all N tokens (quadratic in the sample count)
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        qs, ks, vs = (x.transpose(0, 1)[None] for x in (qs, ks, vs))  # (1, H, n, D): 4-D, which the CPU's flash
+        if groups > 1:                                                   # kernel needs (3-D: the math one, 20×
+            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)  # slower)
         out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling)[0].transpose(0, 1))
     return torch.cat(out)
 
