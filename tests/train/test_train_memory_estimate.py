@@ -41,6 +41,13 @@ def test_estimate_is_within_10_percent_of_the_measured_peak(keys, gib):
     assert estimate(cfg_of(**keys), MAGISTRAL_SMALL).total / GiB == pytest.approx(gib, rel=0.10)
 
 
+def test_full_fine_tune_on_two_gpus_with_fsdp():
+    """examples/magistral-small-2506-full-fsdp.yaml at seq 2,048 on 2 H200s: 97.9 GiB per GPU (README)."""
+    cfg, _ = parse_config({"base_model": "x", "datasets": [{"path": "d"}], "sequence_len": 2048, "bf16": True,
+                           "gradient_checkpointing": True, "fsdp": True, "optimizer": "adamw_torch_fused"})
+    assert estimate(cfg, MAGISTRAL_SMALL, world=2, fsdp=True).total / GiB == pytest.approx(97.9, rel=0.10)
+
+
 def test_the_parts():
     """Weights: 22.2B NF4 linear weights + 1.34B bf16 embeddings/lm_head = 13.2 GiB; LoRA r=32 on 7 projections:
     185M fp32 values + gradients + 8-bit AdamW = 10 B each."""
@@ -62,10 +69,10 @@ def test_options_lower_the_estimate_and_more_gpus_share_it():
     no_ckpt = estimate(base.model_copy(update={"gradient_checkpointing": False}), MAGISTRAL_SMALL).total
     assert no_ckpt > 2 * total
     fsdp = estimate(base, MAGISTRAL_SMALL, world=4, fsdp=True)
-    assert fsdp.weights == pytest.approx(estimate(base, MAGISTRAL_SMALL).weights / 4)
+    assert fsdp.weights < estimate(base, MAGISTRAL_SMALL).weights / 2
     assert estimate(base, MAGISTRAL_SMALL, world=2, sp_degree=2).tokens == 16384
     full = estimate(parse_config({"base_model": "x", "datasets": [{"path": "d"}]})[0], MAGISTRAL_SMALL)
-    assert full.trained / GiB > 100  # a full fine-tune: bf16 values + gradients + AdamW's 2 moments, 8 B a weight
+    assert full.trained / GiB == pytest.approx(23.57e9 * 6 / GiB, rel=0.01)  # bf16 gradients + AdamW's 2 moments
 
 
 def test_a_config_over_the_gpu_is_refused_naming_the_option_that_fits():

@@ -8,7 +8,9 @@ Otherwise 2 B (bf16) or 4 B (fp32) a weight. Magistral Small: 22.2B linear weigh
 
 Trained parameters. LoRA matrices are fp32: r × (in + out) each, 4 B value + 4 B gradient + the optimizer's state
 (AdamW: 2 moments in the parameter's dtype, 8 B; the 8-bit AdamWs: 2 B). r=32 on all 7 projections of
-Magistral Small: 185M × 10 B (8-bit) = 1.7 GiB. A full fine-tune: every weight, in the model's dtype.
+Magistral Small: 185M × 10 B (8-bit) = 1.7 GiB. A full fine-tune: every weight's gradient and moments, in the
+model's dtype (bf16: 2 + 4 B). FSDP2 on N GPUs: 1/N of weights and trained state, plus the root (embeddings,
+lm_head) gathered for the step, two gathered layers and one layer's fp32 gradient.
 
 Activations per token, in bytes (h hidden, I the MLP width, q / kv the query / key-value widths, L layers):
     checkpoint   2h per layer: the bf16 layer input that gradient checkpointing keeps (0 with activation_offloading:
@@ -26,6 +28,7 @@ Calibrated (all constants above except the byte sizes of the dtypes) on 1 H200, 
 QLoRA r=32 on the 7 projections, 8-bit AdamW, checkpointing, bf16; measured torch.cuda.max_memory_allocated:
     seq 2,048 mbs 1: 16.6 GiB (estimate 16.9)      seq 2,048 mbs 2: 18.7 (18.4)     seq 8,192 + CCE: 21.8 (21.8)
     seq 32,768 + CCE + offload + tiled (7): 22.4 (22.4)     seq 65,536, the same: 29.8 (30.0)
+and a full fine-tune, FSDP2 on 2 H200s, seq 2,048, fused AdamW (README): 97.9 GiB per GPU (estimate 96.5).
 tests/train/test_train_memory_estimate.py holds these points to ±10%.
 """
 
@@ -104,15 +107,17 @@ def estimate(cfg: Config, model_config, world: int = 1, sp_degree: int = 1, fsdp
     wide = 2 if cfg.bf16 is not False else 4  # bf16 "auto" is bf16 on every GPU that runs Magistral
     weights = (linear * NF4_BYTES + other * 2 if cfg.load_in_4bit else (linear + other) * wide)
     weights += vision_weights(model_config) * 2
-    if cfg.adapter:
+    if cfg.adapter:  # fp32 LoRA matrices: value + gradient + state (the values are not among the weights)
         sizes = linear_sizes(s)
         n_trained, value = L * sum(cfg.lora_r * sum(sizes[n]) for n in lora_targets(cfg)), 4
-    else:
-        n_trained, value = linear + other, wide
-    state = OPTIMIZER_STATE.get(cfg.optimizer) or 2 * value
-    trained = n_trained * (2 * value + state)
-    if fsdp and world > 1:
-        weights, trained = weights / world, trained / world
+        trained = n_trained * (2 * value + (OPTIMIZER_STATE.get(cfg.optimizer) or 2 * value))
+    else:  # a full fine-tune: the weights are the values; gradient + state
+        trained = (linear + other) * (wide + (OPTIMIZER_STATE.get(cfg.optimizer) or 2 * wide))
+    if fsdp and world > 1:  # 1/N of everything, plus what FSDP2 holds whole: the root (embeddings, lm_head) for the
+        # whole step, a layer and the prefetched next one, and a layer's fp32 gradient before its reduce-scatter
+        layer = per_layer * (NF4_BYTES if cfg.load_in_4bit else wide)
+        weights = weights / world + other * (2 if cfg.load_in_4bit else wide) + 2 * layer
+        trained = trained / world + (0 if cfg.adapter else per_layer * 4)
     tokens = math.ceil(cfg.micro_batch_size * cfg.sequence_len / sp_degree)
     return Estimate(weights, trained, activation_bytes(cfg, s, tokens), tokens)
 
