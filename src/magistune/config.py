@@ -214,6 +214,7 @@ class Config(_Strict):
     lora_o_kernel: bool = False  # LoRA o_proj through the same Function
     lora_mlp_kernel: bool = False  # LoRA gate,up (one Function) and down
     base_fp8: bool = False  # LoRA/QLoRA: the frozen base's products in FP8 (e4m3, rowwise scales; GPUs >= sm 8.9)
+    skip_memory_check: bool = False  # train although the memory estimate exceeds the GPU's memory
 
     # --- preference tuning (issue 13): TRL's meanings and defaults, Axolotl's key names ---------
     rl: Literal["dpo", "ipo", "orpo", "simpo", "kto", "grpo"] | None = None  # None: supervised fine-tuning
@@ -234,6 +235,8 @@ class Config(_Strict):
     fsdp_config: dict[str, Any] | None = None  # Axolotl's FSDP settings, mapped onto the keys above
     ddp: bool = False  # DistributedDataParallel: a whole model on every GPU (small models, LoRA)
     ddp_timeout: int = Field(default=1800, ge=1)  # seconds a collective may wait for the other ranks
+    sequence_parallel_degree: int = Field(default=1, ge=1)  # Ulysses: each row split over this many processes
+    context_parallel_size: int | None = Field(default=None, ge=1)  # Axolotl's newer name for the same
 
     # --- evaluation, checkpoints, logging ------------------------------------------------------
     eval_steps: int | None = Field(default=None, ge=1)
@@ -282,6 +285,15 @@ class Config(_Strict):
     def _axolotl_fsdp(cls, data: Any) -> Any:
         return normalise_axolotl_fsdp(dict(data)) if isinstance(data, dict) else data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _context_parallel_size(cls, data: Any) -> Any:
+        """Axolotl's newer name: context_parallel_size: N alone means sequence_parallel_degree: N."""
+        if isinstance(data, dict) and isinstance(data.get("context_parallel_size"), int) \
+                and "sequence_parallel_degree" not in data:
+            data = {**data, "sequence_parallel_degree": data["context_parallel_size"]}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         if self.adapter == "qlora" and not self.load_in_4bit:
@@ -329,6 +341,12 @@ class Config(_Strict):
             self.resume_from_checkpoint = None
         if self.activation_offloading and not self.gradient_checkpointing:
             self.gradient_checkpointing = True  # what is offloaded are the checkpointed layer inputs
+        if self.context_parallel_size not in (None, self.sequence_parallel_degree):
+            raise ValueError(f"context_parallel_size ({self.context_parallel_size}) and sequence_parallel_degree "
+                             f"({self.sequence_parallel_degree}) are the same setting; set one of them")
+        if self.sequence_parallel_degree > 1 and self.rl is not None:
+            raise ValueError(f"sequence_parallel_degree: not implemented with rl: {self.rl} (supervised "
+                             "fine-tuning only)")
         self._check_preference()
         self._check_grpo()
         if self.base_fp8 and not self.adapter:

@@ -19,7 +19,7 @@ def test_training_with_packing_on_cuda_picks_varlen(make_cfg):
     packing = make_cfg("tiny-random", sample_packing=True)
     assert resolve_attn(packing, CUDA, training=True) == NAME
     assert resolve_attn(packing, CUDA) == "sdpa"  # inference (left padding needs masks)
-    assert resolve_attn(packing, torch.device("cpu"), training=True) == "sdpa"
+    assert resolve_attn(packing, torch.device("cpu"), training=True) == NAME  # sample by sample (no kernel)
     assert resolve_attn(make_cfg("tiny-random"), CUDA, training=True) == "sdpa"  # no packing: nothing to gain
     assert resolve_attn(make_cfg("tiny-random", sample_packing=True, attn_implementation="sdpa"), CUDA,
                         training=True) == "sdpa"  # the config's own choice stands
@@ -50,3 +50,22 @@ def test_pixtral_patches_keep_their_own_mask(vision_dir):
         feats[impl] = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes)
     a, b = (f if isinstance(f, torch.Tensor) else torch.cat(list(getattr(f, "pooler_output", f))) for f in feats.values())
     assert torch.equal(a, b)
+
+
+def test_packed_rows_on_the_cpu_attend_sample_by_sample(text_dir):
+    """Without the kernel (the CPU) the boundaries drive one causal attention per sample: each sample's logits are
+    those of the sample alone, and no T × T mask is built."""
+    from magistune.train.batches import cu_seq_lens_varlen
+
+    register()
+    ids = torch.randint(100, 131072, (2, 12), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1, 0, 1, 2]])
+    model = MistralForCausalLM.from_pretrained(text_dir, dtype=torch.float32, attn_implementation=NAME)
+    packed = model(input_ids=ids, position_ids=pos, **cu_seq_lens_varlen(pos)).logits
+    alone = MistralForCausalLM.from_pretrained(text_dir, dtype=torch.float32, attn_implementation="sdpa")
+    for row, starts in ((0, [0, 5, 8, 12]), (1, [0, 7, 9, 12])):
+        for a, b in zip(starts, starts[1:]):
+            want = alone(input_ids=ids[row:row + 1, a:b]).logits[0]
+            torch.testing.assert_close(packed[row, a:b], want, rtol=1e-5, atol=1e-5)
+    leaky = alone(input_ids=ids).logits  # the test can fail: the rows as one sequence each
+    assert (leaky[:, 5:] - packed[:, 5:]).abs().max() > 1e-3

@@ -17,8 +17,13 @@ def hf_mean_loss(model, batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
 
-def test_token_loss_sum_equals_transformers_mean_times_count(lm):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_token_loss_sum_equals_transformers_mean_times_count(lm, attn):
+    """A right-padded batch: the reference gets the padding mask, token_loss_sum runs causal without it (no
+    B × 1 × T × T mask), and the scored tokens cannot tell."""
+    lm.config._attn_implementation = attn
     batch = collate(make_samples(3, seed=1), PAD)
+    assert batch.attention_mask.min() == 0  # there is padding
     ours = token_loss_sum(lm, batch)
     ref = hf_mean_loss(lm, batch) * batch.n_trained
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -262,7 +262,21 @@ def test_sequence_len_beyond_the_models_positions_fails_before_weights_load(make
 
 def test_padded_batches_that_cannot_fit_in_ram_fail_before_weights_load(make, capsys, no_weights, monkeypatch):
     monkeypatch.setattr("magistune.train.preflight.available_ram", lambda: 8 * 10**9)
-    rc, err = train_rc(make(sequence_len=32768, pad_to_sequence_len=True, micro_batch_size=1), capsys)
+    rc, err = train_rc(make(sequence_len=32768, pad_to_sequence_len=True, micro_batch_size=1,
+                            attn_implementation="eager"), capsys)
     assert rc == 2
     assert "micro_batch_size 1 × 4 heads × 32768² × 4 bytes = 17.2 GB, more than the 8.0 GB of RAM" in err
     assert "pad_to_sequence_len: false" in err
+
+
+def test_sdpa_keeps_no_score_matrix_so_padded_batches_pass(monkeypatch):
+    """Right-padded rows run causal without a mask (loss.token_loss_sum) through the CPU's flash kernel."""
+    from types import SimpleNamespace
+
+    from magistune.config import parse_config
+    from magistune.train.preflight import check_padded_batch_fits
+
+    monkeypatch.setattr("magistune.train.preflight.available_ram", lambda: 8 * 10**9)
+    cfg, _ = parse_config({"base_model": "tiny-random", "datasets": [{"path": "d.jsonl"}], "sequence_len": 32768,
+                           "pad_to_sequence_len": True})
+    check_padded_batch_fits(cfg, SimpleNamespace(num_attention_heads=4))

@@ -103,7 +103,8 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def resolve_attn(cfg: Config, device: torch.device, training: bool = False) -> str:
     """The attn_implementation to load with. Training with sample_packing on CUDA, when the config names no
-    attention, uses torch's variable-length flash kernel (varlen_attention.py) instead of sdpa + a dense mask."""
+    attention, uses torch's variable-length flash kernel (varlen_attention.py) instead of sdpa + a dense mask; on
+    the CPU the same function attends sample by sample (a dense mask of a long packed row would not fit)."""
     want = cfg.attn_implementation or ("flash_attention_2" if cfg.flash_attention else "sdpa")
     if want == "flash_attention_2":
         if device.type != "cuda":
@@ -113,10 +114,11 @@ def resolve_attn(cfg: Config, device: torch.device, training: bool = False) -> s
             print("note: flash_attention_2 requested but flash_attn is not installed; using sdpa", file=sys.stderr)
             return "sdpa"
     explicit = cfg.attn_implementation is not None or cfg.flash_attention
-    if training and cfg.sample_packing and not explicit and varlen_attention.available(device):
-        print("note: sample_packing on CUDA: attention through torch.nn.attention.varlen (packed rows as cumulative "
-              "lengths, no mask); set attn_implementation to choose another", file=sys.stderr)
-        return varlen_attention.register()
+    if training and cfg.sample_packing and not explicit and (device.type == "cpu" or varlen_attention.available(device)):
+        if device.type == "cuda":
+            print("note: sample_packing on CUDA: attention through torch.nn.attention.varlen (packed rows as "
+                  "cumulative lengths, no mask); set attn_implementation to choose another", file=sys.stderr)
+        return varlen_attention.register()  # on the CPU: one attention per sample, no T × T mask
     return want
 
 

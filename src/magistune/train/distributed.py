@@ -159,10 +159,11 @@ def token_normaliser(ranks: Ranks) -> Callable[[int], float]:
     return lambda n_trained: ranks.sum([float(n_trained)])[0] / ranks.world
 
 
-def step_total(ranks: Ranks, result):
-    """The step's loss over all ranks: Σ loss sums, Σ trained tokens, Σ tokens."""
+def step_total(ranks: Ranks, result, copies: int = 1):
+    """The step's loss over all ranks: Σ loss sums, Σ trained tokens, Σ tokens. `copies`: how many ranks count the
+    same tokens (sequence parallelism: the P ranks of a group each count the whole rows, and sum slices' losses)."""
     loss_sum, n_trained, n_tokens = ranks.sum([result.loss_sum, float(result.n_trained), float(result.n_tokens)])
-    return replace(result, loss_sum=loss_sum, n_trained=int(n_trained), n_tokens=int(n_tokens))
+    return replace(result, loss_sum=loss_sum, n_trained=round(n_trained / copies), n_tokens=round(n_tokens / copies))
 
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:

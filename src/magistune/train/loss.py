@@ -146,6 +146,9 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch, cce: bool = False, offl
     """
     body, head = decoder_and_head(model)
     inputs = batch.model_inputs(varlen=batch.packed and uses_varlen_attention(body))
+    # Right-padded rows need no padding mask: under the causal rule no real token sees a later pad, and pads are
+    # never scored. Without it sdpa runs causal, instead of a B × 1 × T × T mask (32 GiB for 2 rows of 131,072).
+    inputs.pop("attention_mask", None)
     if "pixel_values" in inputs:  # the vision tower's dtype (bf16 or fp32), as the HF processor would hand it
         inputs["pixel_values"] = inputs["pixel_values"].to(body.get_input_embeddings().weight.dtype)
     with OffloadActivations() if offload and torch.is_grad_enabled() else contextlib.nullcontext():

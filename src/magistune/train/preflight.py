@@ -105,12 +105,14 @@ def available_ram() -> int | None:
 
 
 def check_padded_batch_fits(cfg: Config, text_config) -> None:
-    """On the CPU, pad_to_sequence_len makes every micro-batch sequence_len wide; the attention scores of one
-    layer (micro_batch_size × heads × sequence_len² fp32 values, which the CPU's attention materialises) must
-    fit in RAM, else the run would die in a huge allocation. The real need is higher: this is a floor."""
+    """On the CPU, pad_to_sequence_len makes every micro-batch sequence_len wide; with attn_implementation: eager
+    the attention scores of one layer (micro_batch_size × heads × sequence_len² fp32 values) are materialised and
+    must fit in RAM, else the run would die in a huge allocation. The real need is higher: this is a floor.
+    sdpa does not materialise them: right-padded rows run causal without a mask through the CPU's flash kernel,
+    packed rows attend sample by sample (model/varlen_attention.py)."""
     heads = getattr(text_config, "num_attention_heads", None)
     ram = available_ram()
-    if not cfg.pad_to_sequence_len or heads is None or ram is None:
+    if not cfg.pad_to_sequence_len or cfg.attn_implementation != "eager" or heads is None or ram is None:
         return
     seq, mbs = cfg.sequence_len, cfg.micro_batch_size
     need = mbs * heads * seq * seq * 4
@@ -119,7 +121,8 @@ def check_padded_batch_fits(cfg: Config, text_config) -> None:
             f"sequence_len: {seq} with pad_to_sequence_len: every micro-batch is {seq} tokens wide, and one layer's "
             f"attention scores alone take micro_batch_size {mbs} × {heads} heads × {seq}² × 4 bytes = "
             f"{need / 1e9:.1f} GB, more than the {ram / 1e9:.1f} GB of RAM available. Lower sequence_len or "
-            "micro_batch_size, or set pad_to_sequence_len: false (batches as wide as their longest sample)")
+            "micro_batch_size, set pad_to_sequence_len: false (batches as wide as their longest sample), or use "
+            "attn_implementation: sdpa (no score matrix)")
 
 
 def seed_everything(seed: int) -> None:

@@ -29,6 +29,7 @@ from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import DataPosition, StepStream, eval_batches, every, steps_per_epoch, total_steps
 from magistune.train.launch import single_process_notes
+from magistune.train.memory_estimate import preflight_memory
 from magistune.train.loss import evaluate, forward_backward, loss_fn_for
 from magistune.train.metrics import MetricsLogger, Printer, Window, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
@@ -83,8 +84,12 @@ class SFT:
     def setup_data(self) -> None:
         cfg, say = self.cfg, self.say
         self.pre = preflight(cfg)
+        if cfg.sequence_parallel_degree > 1:
+            raise ConfigError(f"sequence_parallel_degree: {cfg.sequence_parallel_degree} splits each row over that many "
+                              "processes, and this is one; use `magistune train CONFIG --nproc N` (N a multiple of it)")
         for note in single_process_notes(cfg) + self.pre.notes:
             say(f"note: {note}")
+        say(preflight_memory(cfg, self.pre.model_dir, self.pre.device))  # refuses what cannot fit on this GPU
         seed_everything(cfg.seed)
         self.data = data = prepare_data(cfg, progress=sys.stderr.isatty())
         self.tokenizer = load_any_tokenizer(data.tokenizer_file)  # tekken.json, or an HF tokenizer.json

@@ -8,6 +8,8 @@ The recipe of sft.py, step for step, with what N processes add:
     →  the step's loss normalised over all ranks' tokens (distributed.py has the arithmetic), the gradient norm
        over all shards  →  sharded checkpoints (dist_checkpoint.py)  →  the final output gathered on rank 0
 Rank 0 prints and writes the metrics; the other ranks print only their errors.
+With sequence_parallel_degree P > 1 (sequence_parallel.py) the N ranks form N / P groups of P: the P ranks of a
+group train the same rows, each a slice of them, and the data is shared among the groups instead of the ranks.
 
 Exit codes as in sft.py: 0 done; 1 training failed; 2 the config, data or a path is wrong; 130 interrupted.
 """
@@ -23,8 +25,9 @@ import torch
 from magistune.config import Config, ConfigError
 from magistune.data.build import DataError, prepare_data
 from magistune.model import format_model_info, resolve_dtype
-from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of
 from magistune.hf_tokenizer import load_any_tokenizer
+from magistune.model.load import check_model_dir
+from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import (
     DataPosition, StepStream, eval_batches, every, items_per_rank, steps_per_epoch, total_steps,
@@ -34,12 +37,16 @@ from magistune.train.distributed import (
     DistributedError, Ranks, agree, clip_grad_norm_, eval_share, join, mode_notes, run_main_first, step_total,
     token_normaliser,
 )
+from magistune.train.memory_estimate import preflight_memory
 from magistune.train.loss import evaluate, forward_backward, loss_fn_for
 from magistune.train.metrics import MetricsLogger, Printer, QuietLogger, Window, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
 from magistune.train.packing import packings_for
 from magistune.train.preflight import (
     autocast_for, oom_advice, preflight, resolved_config, seed_everything, write_resolved_config,
+)
+from magistune.train.sequence_parallel import (
+    check_degree, new_groups, slice_loss_fn, sp_normaliser, use_ulysses,
 )
 from magistune.train.sharding import build_parallel_model, grad_sync
 from magistune.train.watchdog import LossWatchdog
@@ -80,6 +87,8 @@ class SFTDistributed:
         self.cfg, self.ranks, self.mode, self.say = cfg, ranks, mode, say
         self.watchdog = LossWatchdog.from_config(cfg)  # loss_watchdog_threshold: stop on a loss that stays high
         self.pre = None
+        self.sp = None  # this rank's sequence-parallel group (sequence_parallel_degree > 1)
+        self.dp_rank, self.dp_world, self.copies = ranks.rank, ranks.world, 1  # who shares the data, and how
 
     def release(self) -> None:
         """Rank 0 gives output_dir's lock back (the OS does it as well when the process ends)."""
@@ -99,6 +108,8 @@ class SFTDistributed:
         error = None
         try:  # rank 0 alone locks output_dir, checks it for an earlier run and verifies the checkpoint
             self.pre = preflight(cfg, main=ranks.is_main)
+            memory = preflight_memory(cfg, self.pre.model_dir, self.pre.device, world=ranks.world,
+                                      sp_degree=cfg.sequence_parallel_degree, fsdp=self.mode == "fsdp")
         except SETUP_ERRORS as e:
             error = e
         if ranks.any(error is not None):  # every rank stops (none waits in a collective for rank 0)
@@ -106,6 +117,8 @@ class SFTDistributed:
         self.pre.resume = ranks.broadcast_object(self.pre.resume)  # rank 0's choice: it skipped damaged ones
         for note in mode_notes(cfg, self.mode, ranks.world) + self.pre.notes:
             say(f"note: {note}")
+        say(memory)
+        self.setup_sequence_parallel()
         seed_everything(cfg.seed)
         self.data = data = run_main_first(ranks, lambda: prepare_data(cfg, progress=sys.stderr.isatty() and ranks.is_main))
         self.tokenizer = load_any_tokenizer(data.tokenizer_file)  # tekken.json, or an HF tokenizer.json
@@ -127,6 +140,18 @@ class SFTDistributed:
             say(f"packing: {self.packed.describe()}")
         self.n_items = len(self.packed.packs) if self.packed else len(data.train)  # what an epoch shuffles
 
+    def setup_sequence_parallel(self) -> None:
+        degree, world = self.cfg.sequence_parallel_degree, self.ranks.world
+        if degree == 1:
+            return
+        if world % degree:
+            raise ConfigError(f"sequence_parallel_degree: {degree} does not divide the {world} processes "
+                              "(--nproc / --nproc-per-node × nodes must be a multiple of it)")
+        self.sp = new_groups(self.ranks.rank, world, degree)
+        self.dp_rank, self.dp_world, self.copies = self.sp.dp_rank, self.sp.dp_world, degree
+        self.say(f"sequence parallel: {degree} ranks per row (Ulysses all-to-all attention), each holding 1/{degree} "
+                 f"of its tokens; {self.dp_world} data-parallel group{'s' if self.dp_world > 1 else ''}")
+
     def setup_model(self) -> None:
         cfg, device = self.cfg, self.device
         if cfg.tf32 and device.type == "cuda":
@@ -134,10 +159,16 @@ class SFTDistributed:
         if self.pre.resume is not None:  # every rank builds from the base model; the checkpoint then overwrites it
             check_resumable(self.pre.resume, self.ranks.world, self.mode)
         self.loss_fn, self.autocast = loss_fn_for(cfg), autocast_for(device, self.dtype)
+        if self.sp is not None:  # before the model loads: the heads must split evenly
+            text_config = check_model_dir(self.pre.model_dir, trust_remote_code=cfg.trust_remote_code).get_text_config()
+            check_degree(self.sp.size, self.ranks.world, text_config)
+            self.loss_fn = slice_loss_fn(cfg, self.sp, self.pad_id)
         # the loss runs inside the FSDP / DDP root (root(batch)), so that the engines' hooks run
         self.model, self.root, info = build_parallel_model(self.ranks, self.mode, cfg, self.tokenizer, self.loss_fn)
         self.loss = lambda model, batch: self.root(batch)  # noqa: E731 (forward_backward's loss signature)
         self.model.train()  # from_pretrained returns eval mode: dropout off
+        if self.sp is not None:
+            use_ulysses(self.model)
         self.say(f"model: {format_model_info(info)}; {device.type}, {str(self.dtype).removeprefix('torch.')}; "
                  f"{self.mode} over {self.ranks.world} processes")
         for note in info.notes:
@@ -145,7 +176,7 @@ class SFTDistributed:
 
     def setup_optimizer(self) -> None:
         cfg, say = self.cfg, self.say
-        mbs, accum, world = cfg.micro_batch_size, cfg.gradient_accumulation_steps, self.ranks.world
+        mbs, accum, world = cfg.micro_batch_size, cfg.gradient_accumulation_steps, self.dp_world
         n_share = items_per_rank(self.n_items, world)  # each rank's equal share of an epoch
         self.spe = spe = steps_per_epoch(n_share, mbs, accum)
         self.total = total = total_steps(n_share, mbs, accum, cfg.num_epochs, cfg.max_steps)
@@ -156,7 +187,9 @@ class SFTDistributed:
         say(f"schedule: {total} steps ({total / spe:.2f} epochs of {spe}) × {accum} micro-batches × {mbs} {unit} "
             f"(≤ {mbs} × {cfg.sequence_len} × {accum} = {mbs * cfg.sequence_len * accum:,} tokens/step); "
             f"{cfg.lr_scheduler} lr {cfg.learning_rate:g}, warmup {warmup}")
-        say(f"{self.mode}: {world} processes, each with the above: {world * mbs * accum} {unit} per step in all")
+        plural = "s" if world > 1 else ""
+        groups = f"{world} group{plural} of {self.copies} processes" if self.sp else f"{world} processes"
+        say(f"{self.mode}: {groups}, each with the above: {world * mbs * accum} {unit} per step in all")
         n_eval = len(self.data.eval)
         self.eval_every = every(cfg.evals_per_epoch, cfg.eval_steps, spe) if n_eval else None
         self.save_every = every(cfg.saves_per_epoch, cfg.save_steps, spe)
@@ -194,10 +227,12 @@ class SFTDistributed:
         stop.install()
         stream = iter(StepStream(data.train, cfg.micro_batch_size, cfg.gradient_accumulation_steps, self.pad_id,
                                  cfg.seed, start=self.position, image_encoder=self.image_encoder,
-                                 packs=self.packed.packs if self.packed else None, shard=(ranks.rank, ranks.world),
+                                 packs=self.packed.packs if self.packed else None, shard=(self.dp_rank, self.dp_world),
                                  pad_to=self.pad_to))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.normaliser, self.grad_sync = token_normaliser(ranks), grad_sync(self.root, self.mode, cfg)
+        if self.sp is not None:  # a group's P ranks count the same tokens
+            self.normaliser = sp_normaliser(self.normaliser, self.copies)
         clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf  # inf: measure only
         self.longest, self.run_seconds, self.run_steps = 0, 0.0, 0  # this process's steps, for the ETA
         try:
@@ -224,7 +259,7 @@ class SFTDistributed:
         next_position, micro = next(stream)
         self.longest = max([self.longest] + [b.input_ids.shape[1] for b in micro])
         result = step_total(self.ranks, forward_backward(self.model, micro, self.loss, self.autocast, self.device,
-                                                         self.normaliser, self.grad_sync))
+                                                         self.normaliser, self.grad_sync), self.copies)
         if result.n_trained == 0:
             self.log.message(f"note: step {self.step + 1} has no trained token; its samples are skipped")
         elif not math.isfinite(result.loss):
@@ -267,8 +302,8 @@ class SFTDistributed:
     def run_eval(self) -> None:
         mbs, packs = self.cfg.micro_batch_size, self.eval_packed.packs if self.eval_packed else None
         batches = eval_batches(self.data.eval, mbs, self.pad_id, self.image_encoder, packs, self.pad_to)
-        mine = eval_share(batches, self.ranks.rank, self.ranks.world)
-        result = step_total(self.ranks, evaluate(self.model, mine, self.loss, self.autocast, self.device))
+        mine = eval_share(batches, self.dp_rank, self.dp_world)
+        result = step_total(self.ranks, evaluate(self.model, mine, self.loss, self.autocast, self.device), self.copies)
         self.log.log_eval(self.step, result.loss, result.n_trained)
 
     def save(self, at: int) -> None:
