@@ -16,7 +16,8 @@ from magistune.train.memory_estimate import GiB, check_memory, estimate
 MAGISTRAL_SMALL = MistralConfig(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
                                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, sliding_window=None)
 QLORA = {"base_model": "tiny-random", "datasets": [{"path": "d.jsonl"}], "adapter": "qlora", "load_in_4bit": True,
-         "lora_r": 32, "lora_target_linear": True, "optimizer": "adamw_bnb_8bit", "gradient_checkpointing": True,
+         "lora_r": 32, "lora_dropout": 0.05, "lora_target_linear": True, "optimizer": "adamw_bnb_8bit",
+         "gradient_checkpointing": True,
          "bf16": True}
 LONG = {"cut_cross_entropy": True, "activation_offloading": True, "tiled_mlp": True, "tiled_mlp_num_shards": 7}
 
@@ -26,13 +27,21 @@ def cfg_of(**keys):
 
 
 # torch.cuda.max_memory_allocated on 1 H200, random-weight Magistral Small, QLoRA NF4 r=32 on all 7 projections,
-# 8-bit AdamW, checkpointing, bf16 (the lead's measurements, issue 17)
+# lora_dropout 0.05, 8-bit AdamW, checkpointing, bf16 (the lead's measurements, issue 17)
 MEASURED = [
     ({"sequence_len": 2048}, 16.6),
     ({"sequence_len": 2048, "micro_batch_size": 2, "gradient_accumulation_steps": 4}, 18.7),
     ({"sequence_len": 8192, "cut_cross_entropy": True}, 21.8),
     ({"sequence_len": 32768, **LONG}, 22.4),
     ({"sequence_len": 65536, **LONG}, 29.8),
+    # 2026-12-02 (bench/results/long_context_2026-12-02.jsonl): 8 shards, liger kernels, lora_dropout 0.05 and 0
+    ({"sequence_len": 65536, **LONG, "tiled_mlp_num_shards": 8, "liger_rms_norm": True, "liger_glu_activation": True},
+     26.15),
+    ({"sequence_len": 65536, **LONG, "tiled_mlp_num_shards": 8, "liger_rms_norm": True, "liger_glu_activation": True,
+      "lora_dropout": 0.0}, 23.07),
+    # the seed's shape with liger, CCE and offloading (bench/results/train_step_three_sides_2026-12-02.md)
+    ({"sequence_len": 2048, "micro_batch_size": 2, "gradient_accumulation_steps": 4, "cut_cross_entropy": True,
+      "activation_offloading": True, "liger_rms_norm": True, "liger_glu_activation": True}, 16.87),
 ]
 
 
