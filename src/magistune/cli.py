@@ -231,20 +231,12 @@ def _parse_size(text: str) -> int:
     raise ConfigError(f"--max-shard-size: '{text}' is not a size like 5GB, 500MB or 2GiB")
 
 
-def _tokenizer_in(folder):
-    from magistune.tokenizer import TokenizerError, find_tokenizer_file
-
-    try:
-        return find_tokenizer_file(folder)
-    except TokenizerError:
-        return None
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from magistune.data.build import resolve_tokenizer_file
     from magistune.export.merge import MergeError, merge_adapter
+    from magistune.hf_tokenizer import tokenizer_file_in
     from magistune.infer.loading import check_adapter_dir
     from magistune.model_files import resolve_model_dir
 
@@ -261,7 +253,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"QLoRA run: the base is re-read in bf16 from the original checkpoint {base}, "
               "not dequantised from 4-bit", file=sys.stderr)
     try:
-        tokenizer = _tokenizer_in(adapter) or resolve_tokenizer_file(cfg)  # the one training copied there first
+        # the one training copied there first
+        tokenizer = tokenizer_file_in(adapter, cfg.tokenizer_use_mistral_common) or resolve_tokenizer_file(cfg)
         report = merge_adapter(base, adapter, out, tokenizer, _parse_size(args.max_shard_size),
                                cfg.trust_remote_code)
     except MergeError as e:

@@ -47,6 +47,15 @@ def model_tokenizer_file(folder: Path, use_mistral_common: bool = True) -> Path:
     return hf
 
 
+def tokenizer_file_in(folder: Path, use_mistral_common: bool = True) -> Path | None:
+    """model_tokenizer_file, or None when the folder has no tokenizer (e.g. an adapter folder from before
+    training copied its tokenizer there)."""
+    try:
+        return model_tokenizer_file(folder, use_mistral_common)
+    except TokenizerError:
+        return None
+
+
 def tiny_hf_tokenizer_path() -> Path:
     """The tiny models' Tekken file as Hugging Face files with our v13 template (written once per template)."""
     template = V13_TEMPLATE.read_text(encoding="utf-8")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from magistune.config import Config, ConfigError, parse_config
-from magistune.hf_tokenizer import model_tokenizer_file
+from magistune.hf_tokenizer import model_tokenizer_file, tokenizer_file_in
 from magistune.tokenizer import SpecialIds
 
 
@@ -106,21 +106,13 @@ def resolve_source(cfg: Config | None, model: str | None = None, adapter: str | 
     # added_tokens_overrides / tokens applied), so the new names encode and decode as trained.
     use_mc = cfg.tokenizer_use_mistral_common
     trained = adapter_dir or (model_dir if model is None and not base_only else None)
-    tok = _tokenizer_file_in(trained, use_mc) if trained is not None else None
+    tok = tokenizer_file_in(trained, use_mc) if trained is not None else None
     if tok is None:
         tok = cfg.resolve(cfg.tokenizer_path) if cfg.tokenizer_path else model_tokenizer_file(model_dir, use_mc)
     if not tok.is_file():
         raise ConfigError(f"tokenizer_path: {tok} not found")
     # 4-bit only under a QLoRA adapter: the base alone (--base) loads as the config would load a full model.
     return ModelSource(cfg, model_dir, adapter_dir, tok, four_bit and adapter_dir is not None)
-
-
-def _tokenizer_file_in(folder: Path, use_mistral_common: bool = True) -> Path | None:
-    """The folder's tokenizer file (model_tokenizer_file), or None when it has none."""
-    try:
-        return model_tokenizer_file(folder, use_mistral_common)
-    except ValueError:
-        return None
 
 
 def _note_other_base(adapter_dir: Path, model_dir: Path) -> None:
