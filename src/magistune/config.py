@@ -254,9 +254,6 @@ class Config(_Strict):
         if self.base_fp8 and self.rl == "grpo":
             raise ValueError("base_fp8 is not wired into GRPO's rollouts (CUDA-graph decoding) yet; "
                              "drop it for rl: grpo")
-        if self.fsdp and (self.liger_glu_activation or self.liger_rms_norm):
-            raise ValueError("liger_glu_activation / liger_rms_norm are not wired into the FSDP2 model build yet; "
-                             "drop them, or use ddp: true")
         self._check_lora_kernels()
         return self
 
@@ -269,9 +266,6 @@ class Config(_Strict):
         if self.peft_use_dora:
             raise ValueError(f"{keys[0]}: the fused LoRA kernels compute plain LoRA, not DoRA; "
                              "set peft_use_dora: false or the kernel keys to false")
-        if self.fsdp:
-            raise ValueError(f"{keys[0]}: the fused LoRA kernels are not wired into the FSDP2 model build yet; "
-                             "drop them, or use ddp: true")
 
     def _check_grpo(self) -> None:
         """rl: grpo trains on its own completions: the SFT label options mean nothing, and `trl:` belongs to it."""

@@ -273,3 +273,28 @@ def test_meta_device_build_matches_the_loaded_adapter_model():
     assert list(model.state_dict()) == list(loaded.state_dict())
     trained = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
     assert trained(model) == trained(loaded) and trained(model)
+
+
+def test_meta_device_build_gets_liger_and_the_lora_kernels(monkeypatch):
+    """FSDP2's LoRA build: rank 0's copy on the CPU keeps the stock RMSNorm and MLP (liger needs CUDA), the meta
+    build of a GPU rank swaps liger's modules in (liger_ready, made true here) and the fused LoRA kernels on top.
+    Rank 0's weights load into it by name (sharding._build_from_rank0), so the names must be the same."""
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    from magistune.model import build_model, fused
+    from magistune.model.lora_kernels import LoRAFusedAttention
+
+    cfg, _ = cfg_of(adapter="lora", lora_target_linear=True, lora_r=4, fsdp=True, liger_rms_norm=True,
+                    liger_glu_activation=True, lora_qkv_kernel=True, lora_o_kernel=True, lora_mlp_kernel=True)
+    host, host_info, _ = build_model(cfg, torch.device("cpu"))
+    assert any("liger kernels need a CUDA GPU" in n for n in host_info.notes)
+    monkeypatch.setattr(fused, "liger_ready", lambda device: None)
+    model, info, _ = build_model(cfg, torch.device("cpu"), meta=True)
+    assert not any("liger" in n for n in info.notes)
+    layers = model.base_model.model.model.layers
+    assert all(isinstance(layer.input_layernorm, fused.FusedRMSNorm) and layer.mlp.liger and layer.mlp.fuse_gate_up
+               and isinstance(layer.self_attn, LoRAFusedAttention) for layer in layers)
+    assert all(isinstance(layer.input_layernorm, MistralRMSNorm) for layer in host.base_model.model.model.layers)
+    assert list(model.state_dict()) == list(host.state_dict())
+    trained = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
+    assert trained(model) == trained(host) and trained(model)

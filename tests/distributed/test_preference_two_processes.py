@@ -50,6 +50,10 @@ QLORA = {**LORA, "adapter": "qlora", "load_in_4bit": True, "max_steps": 2, "grad
 RUNS = {
     "fsdp_lora_dpo": ("dpo", LORA, 4, 2, {"fsdp": True}),  # 2 micro-batches per rank, gradients reduced after both
     "ddp_lora_dpo": ("dpo", LORA, 4, 2, {"ddp": True}),
+    # the fused LoRA kernels inside FSDP2's units (the reference pass, adapters off, takes PEFT's layers), against
+    # the one-process run on PEFT's layers (single_lora_dpo)
+    "fsdp_lora_dpo_kernels": ("dpo", LORA, 4, 2, {"fsdp": True, "lora_qkv_kernel": True, "lora_o_kernel": True,
+                                                  "lora_mlp_kernel": True}),
     "ddp_lora_kto": ("kto", LORA, 4, 2, {"ddp": True}),  # the reference and z₀ with adapters off, through DDP's root
     # adapters off over 4-bit layers. Not FSDP2 on the CPU: bitsandbytes' CPU inference path (eval mode, no grad)
     # repacks a Linear4bit weight in place and flags its quant_state, and FSDP2's next all-gather brings back the
@@ -81,7 +85,7 @@ def write(root: Path, name: str, rl: str, **keys) -> Path:
 
 
 def single(name: str) -> str:
-    return "single_" + name.split("_", 1)[1]
+    return "single_" + name.split("_", 1)[1].removesuffix("_kernels")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +165,8 @@ def test_two_processes_match_one(runs, name):
     assert len([r for r in one if "loss" in r]) == steps and len([r for r in one if "eval_loss" in r]) == steps
     assert one[-1]["eval_reward_accuracy"] is not None
     assert_same_curve(one, two, QLORA_REL if RUNS[name][1] is QLORA else TOLERANCE["rel"])
+    if name.endswith("_kernels"):  # the only run that asks for them
+        assert "LoRA kernels: fused q,k,v in 2/2, o in 2/2, gate,up in 2/2, down in 2/2" in runs["log"]
 
 
 def test_full_fine_tunes_compute_the_reference_table_once(runs):
@@ -173,7 +179,7 @@ def test_final_adapters_match_one_process(runs):
     from safetensors.torch import load_file
 
     root = runs["root"]
-    for name in ("fsdp_lora_dpo", "ddp_lora_kto"):
+    for name in ("fsdp_lora_dpo", "ddp_lora_kto", "fsdp_lora_dpo_kernels"):
         one = load_file(root / f"out_{single(name)}" / "adapter_model.safetensors")
         two = load_file(root / f"out_{name}" / "adapter_model.safetensors")
         assert set(one) == set(two) and one

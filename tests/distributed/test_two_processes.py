@@ -62,6 +62,15 @@ RUNS = {
 BF16 = {"bf16": True, "max_steps": 2, "save_steps": 2, "eval_steps": None}
 BF16_RUNS = {"full_bf16": ({**FULL, **BF16}, 2, 1)}  # fsdp_full_bf16 against single_full_bf16
 BF16_TOLERANCE = {"rel": 1e-3, "rel_norm": 1e-2}  # measured: loss ≤ 5e-5, eval loss ≤ 1e-4, gradient norm ≤ 2e-4
+# The fused LoRA kernels (and on GPUs liger's RMSNorm and SiLU·up) inside FSDP2's units and DDP's root, against
+# the same run on PEFT's layers: (name of the run without them, its keys, engine keys). qlora: FSDP2 gathers the
+# packed 4-bit weights as plain tensors, the kernels dequantise them with the quant_state bitsandbytes keeps on the
+# layer; without checkpointing, the kernels' backward reads the weights FSDP2 gathers again for backward.
+KERNELS = {"lora_qkv_kernel": True, "lora_o_kernel": True, "lora_mlp_kernel": True}
+LIGER = {"liger_rms_norm": True, "liger_glu_activation": True}
+KERNEL_RUNS = [("fsdp_lora", LORA, {"gradient_accumulation_steps": 2, "fsdp": True}),
+               ("ddp_lora", LORA, {"micro_batch_size": 1, "gradient_accumulation_steps": 4, "ddp": True}),
+               ("fsdp_qlora", QLORA, {"gradient_accumulation_steps": 1, "fsdp": True})]
 
 
 def device_keys(device: str) -> dict:
@@ -111,6 +120,9 @@ def runs(request, tmp_path_factory, fast_tokenizer):
     write(root, device, "ddp_lora_tiled", **ddp_lora, **tiled)
     write(root, device, "fsdp_full_offload", **{**FULL, "max_steps": 2, "micro_batch_size": 1},
           gradient_accumulation_steps=2, fsdp=True, fsdp_cpu_offload=True)
+    fused = {**KERNELS, **(LIGER if device == "cuda" else {})}  # liger's Triton kernels need CUDA
+    for name, keys, parallel in KERNEL_RUNS:
+        write(root, device, f"{name}_kernels", **{**keys, **parallel, **fused})
     plan = [{"name": "fsdp_full", "config": str(root / "fsdp_full.yaml")},
             resumed(root, "fsdp_full", 4, "model.safetensors"),
             {"name": "fsdp_lora", "config": str(root / "fsdp_lora.yaml")},
@@ -120,6 +132,7 @@ def runs(request, tmp_path_factory, fast_tokenizer):
             {"name": "fsdp_lora_tiled", "config": str(root / "fsdp_lora_tiled.yaml")},
             {"name": "ddp_lora_tiled", "config": str(root / "ddp_lora_tiled.yaml")},
             {"name": "fsdp_full_offload", "config": str(root / "fsdp_full_offload.yaml")},
+            *({"name": f"{name}_kernels", "config": str(root / f"{name}_kernels.yaml")} for name, _, _ in KERNEL_RUNS),
             {"name": "disagree", "config": str(root / "fsdp_lora.yaml"), "overrides": {"0": {"output_dir": "out_disagree"},
                                                                        "1": {"learning_rate": 1e-3, "output_dir": "out_disagree"}}},
             {"name": "refused", "config": str(root / "fsdp_lora.yaml")}]  # into fsdp_lora's finished run
@@ -168,6 +181,13 @@ def metrics(root: Path, name: str) -> list[dict]:
     return read_metrics(root / f"out_{name}" / "metrics.jsonl")
 
 
+def run_log(log: str, name: str) -> str:
+    """What one run of the plan printed: from worker.py's line naming it to the next run's."""
+    start = log.index(f"[worker rank 0] run {name} at")
+    end = log.find("[worker rank 0] run ", start + 1)
+    return log[start:end if end >= 0 else len(log)]
+
+
 def assert_same_curve(one: list[dict], two: list[dict], tol: dict) -> None:
     """Per-step loss and eval loss within tol["rel"], gradient norm within tol["rel_norm"]. The gradient norm is
     the check on the normalisation: it is taken after the all-rank reduction, so a missing × world or a per-rank
@@ -209,6 +229,26 @@ def test_tiled_mlp_matches_one_process(runs, two):
     """tiled_mlp under FSDP2 and DDP: the shards' recompute runs inside the engines' backward hooks, and the
     curve is the one-process run without tiling (the tiled MLP computes the same function, no dropout here)."""
     assert_same_curve(metrics(runs["root"], "single_lora"), metrics(runs["root"], two), runs["tol"])
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in KERNEL_RUNS])
+def test_fused_kernels_train_as_peft_layers(runs, name):
+    """The same curve (loss, gradient norm: the LoRA gradients after the ranks' reduction, eval loss) and the same
+    saved adapter with the kernel keys on as without, under FSDP2 and DDP (no dropout: the same function)."""
+    from safetensors.torch import load_file
+
+    root, log = runs["root"], run_log(runs["log"], f"{name}_kernels")
+    assert "LoRA kernels: fused q,k,v in 2/2, o in 2/2, gate,up in 2/2, down in 2/2 decoder layers" in log
+    if runs["device"] == "cuda":  # swapped in on the GPUs, though FSDP2's rank 0 loads its copy on the CPU
+        assert "liger_glu_activation / liger_rms_norm:" not in log
+    assert_same_curve(metrics(root, name), metrics(root, f"{name}_kernels"), runs["tol"])
+    peft = load_file(root / f"out_{name}" / "adapter_model.safetensors")
+    fused = load_file(root / f"out_{name}_kernels" / "adapter_model.safetensors")
+    assert peft.keys() == fused.keys() and peft
+    for key in peft:  # fp32 on the CPU: tests/e2e/test_train_lora_kernels.py's bound (measured ≤ 5e-7 absolute)
+        assert fused[key].dtype == peft[key].dtype and fused[key].shape == peft[key].shape, key
+        if runs["device"] == "cpu":
+            torch.testing.assert_close(fused[key], peft[key], rtol=1e-3, atol=1e-5, msg=key)
 
 
 def test_ddp_matches_one_process(runs):

@@ -100,7 +100,6 @@ def test_shard_count_follows_sequence_length(make_cfg):
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"liger_rms_norm": True, "fsdp": True}, "not wired into the FSDP2 model build"),
     ({"liger_rope": True}, "RoPE is applied inside transformers' attention"),
     ({"liger_fused_linear_cross_entropy": True}, "use cut_cross_entropy"),
     ({"tiled_mlp_num_shards": 1}, "tiled_mlp_num_shards"),

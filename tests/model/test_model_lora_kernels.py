@@ -102,6 +102,23 @@ def test_nf4_base_is_dequantised():
     assert_same(outputs_and_grads(model, x, False), outputs_and_grads(model, x, True), rtol=1e-5, atol=1e-5)
 
 
+def test_nf4_weight_gathered_without_its_quant_state_is_dequantised():
+    """Under FSDP2 a Linear4bit's weight, during forward and backward, is the all-gathered packed tensor as a
+    plain Parameter (no quant_state); base_weight takes the state bitsandbytes keeps on the layer."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    lin = nn.Linear(24, 40, bias=False)
+    q = bnb.nn.Linear4bit(24, 40, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", module=q).to("cpu")
+    want = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    q.weight = nn.Parameter(q.weight.data.clone(), requires_grad=False)  # what FSDP2 sets on the module
+    assert getattr(q.weight, "quant_state", None) is None
+    got = lora_kernels.base_weight(q, torch.float32)
+    assert got.shape == lin.weight.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def reference_with_mask(model, x, p, seed=3):
     """y_i = base_i(x) + s_i · (x ⊙ m / (1-p)) A_iᵀ B_iᵀ with one mask m for the three, drawn as the kernel
     draws it (lora_kernels.dropout on x as tokens × features, after torch.manual_seed(seed))."""
@@ -174,8 +191,8 @@ def test_config_refuses_what_the_kernels_cannot_do(make_cfg):
         make_cfg("tiny-random", lora_qkv_kernel=True)
     with pytest.raises(ConfigError, match="not DoRA"):
         make_cfg("tiny-random", adapter="lora", lora_target_linear=True, peft_use_dora=True, lora_mlp_kernel=True)
-    with pytest.raises(ConfigError, match="FSDP2"):
-        make_cfg("tiny-random", adapter="lora", lora_target_linear=True, fsdp=True, lora_o_kernel=True)
+    for engine in ("fsdp", "ddp"):  # both build through model.build_model (tests/distributed run them)
+        assert make_cfg("tiny-random", adapter="lora", lora_target_linear=True, lora_o_kernel=True, **{engine: True})
 
 
 def tiny_lora(make_cfg, tok, base="tiny-random", **keys):

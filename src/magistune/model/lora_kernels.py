@@ -36,9 +36,13 @@ KEEP_DEQUANTISED_WEIGHTS = False
 
 
 def base_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's (out, in) weight in `dtype`: NF4/FP4 bitsandbytes weights dequantised, others as they are."""
+    """The base layer's (out, in) weight in `dtype`: NF4/FP4 bitsandbytes weights dequantised, others as they are.
+    Under FSDP2 `linear.weight` is the all-gathered packed tensor, a plain Parameter without the quant_state:
+    bitsandbytes keeps it on the Linear4bit as well (its own forward recovers it from there the same way)."""
     w = linear.weight
     state = getattr(w, "quant_state", None)
+    if state is None:
+        state = getattr(linear, "quant_state", None)
     if state is not None:
         import bitsandbytes.functional as bnbf
 

@@ -23,11 +23,15 @@ loads the 4-bit model onto its own GPU (from_pretrained streams the safetensors 
 one copy of the file's pages for all ranks) and then shards it: 14.2 GB per GPU while loading, then 14.2 / N +
 the quantisation constants. The packed 4-bit weights are stored as bf16 (bnb_4bit_quant_storage) so that FSDP2
 can shard and gather them like any bf16 tensor. DDP: each rank loads its own copy; DDP broadcasts rank 0's.
+
+Fused modules (tiled MLP, liger, the LoRA kernels: model/fused.py) are swapped in by build_model, so before
+fully_shard on every path: they run inside their layer's FSDP unit, on the gathered weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from typing import Callable
 
@@ -198,8 +202,10 @@ def _build_from_rank0(ranks: Ranks, cfg: Config, tokenizer, loss_fn: Callable, d
         del real
     trainable, info = ranks.broadcast_object((trainable, info))
 
-    # the same model on the meta device (rank 0 reported the notes of its build)
-    model, _, _ = build_model(cfg, ranks.device, tokenizer=tokenizer, meta=True)
+    # the same model on the meta device; its notes are the ones of the device that runs it (rank 0's CPU copy
+    # keeps the stock modules where liger needs CUDA, and its weights load into the swapped ones by name)
+    model, device_info, _ = build_model(cfg, ranks.device, tokenizer=tokenizer, meta=True)
+    info = dataclasses.replace(info, notes=device_info.notes) if info is not None else None
     wanted = set(trainable)
     for name, p in model.named_parameters():
         p.requires_grad = name in wanted
