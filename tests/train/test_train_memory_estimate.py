@@ -200,6 +200,19 @@ def rl_cfg(rl, **keys):
     return parse_config(raw)[0]
 
 
+def test_dpo_and_grpo_are_within_10_percent_of_their_measured_peaks():
+    """bench/results/dpo_step_2026-12-02.jsonl and grpo_step_2026-12-02.jsonl, magistune's side (1 H200, the
+    QLoRA above): one pair, a 1,024-token prompt and two 1,024-token answers (one row of 3,072), lora_dropout 0.05:
+    17.96 GiB; GRPO, 8 completions of a 256-token prompt + 512 new tokens in one micro-batch, lora_dropout 0:
+    19.51 GiB for the step, 16.25 during the rollout (the gradients freed then; the estimate counts them)."""
+    dpo = estimate(rl_cfg("dpo", sequence_len=2048), MAGISTRAL_SMALL, row=3072)
+    assert dpo.tokens == 3072 and dpo.total / GiB == pytest.approx(17.96, rel=0.10)
+    grpo = estimate(rl_cfg("grpo", sequence_len=768, micro_batch_size=8, lora_dropout=0.0,
+                           trl={"num_generations": 8, "max_completion_length": 512}), MAGISTRAL_SMALL, prompt=256)
+    assert grpo.total / GiB == pytest.approx(19.51, rel=0.10)
+    assert (grpo.weights + grpo.trained + grpo.rollout) / GiB == pytest.approx(16.25, rel=0.10)
+
+
 def test_a_pair_row_is_the_prompt_once_and_both_answers():
     dpo = rl_cfg("dpo", sequence_len=4096, micro_batch_size=2)
     assert estimate(dpo, MAGISTRAL_SMALL).tokens == 2 * (2 * 4096 - 1)  # each side ≤ sequence_len, the prompt ≥ 1

@@ -27,7 +27,7 @@ Activations per token, in bytes (h hidden, I the MLP width, q / kv the query / k
 The peak is the larger of (checkpoints + loss chunk) at the start of backward and (checkpoints + one layer) during
 it. Without checkpointing every layer's working set stays alive (L × layer).
 
-Rows of the other recipes (rough: not measured yet). Tokens = micro_batch_size × the longest row of a forward:
+Rows of the other recipes (rough; one measured point each, below). Tokens = micro_batch_size × the longest row:
     DPO/IPO/ORPO/SimPO  one row per pair, the prompt once + chosen + rejected (preference_step.collate_pairs); the
                         recipe passes its data's longest, else each side ≤ sequence_len: 2 × sequence_len − 1.
                         The row has a (B, 1, T, T) bool mask (rejected blind to chosen), alive for the step, which
@@ -53,7 +53,9 @@ QLoRA r=32 on the 7 projections, 8-bit AdamW, checkpointing, bf16; measured torc
     seq 32,768 + CCE + offload + tiled (7): 22.4 (22.7)     seq 65,536, the same: 29.8 (30.4)
     seq 65,536 + CCE + offload + tiled (8) + liger: 26.2 (26.3); the same with lora_dropout 0: 23.1 (22.8), or
     with lora_qkv/o/mlp_kernel (dropout 0.05): 24.4 (24.5); seq 131,072, the same + tiled (16), dropout 0: 28.7 (28.4)
-and a full fine-tune, FSDP2 on 2 H200s, seq 2,048, fused AdamW (README): 97.9 GiB per GPU (estimate 96.5).
+and a full fine-tune, FSDP2 on 2 H200s, seq 2,048, fused AdamW (README): 97.9 GiB per GPU (estimate 96.5);
+DPO, one row of 1,024 prompt + 2 × 1,024 answer tokens: 17.96 (17.6); GRPO, 8 completions of 256 + 512 tokens in
+one micro-batch, lora_dropout 0: 19.51 (20.0), during the rollout 16.25 (16.8) (bench/results/*_step_2026-12-02).
 tests/train/test_train_memory_estimate.py holds these points to ±10%.
 """
 
