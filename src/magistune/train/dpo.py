@@ -34,6 +34,7 @@ from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import DataPosition, StepStream, every, steps_per_epoch, total_steps
 from magistune.train.launch import single_process_notes
+from magistune.train.memory_estimate import longest_row, preflight_memory
 from magistune.train.metrics import MetricsLogger, Printer, peak_memory_gb, plot_losses
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
 from magistune.train.preference_ref import model_key, reference_table, table_path
@@ -108,6 +109,8 @@ class DPO:
             say(f"note: {note}")
         seed_everything(cfg.seed)
         self.data = data = prepare_data(cfg, progress=sys.stderr.isatty())
+        # refuses what cannot fit on this GPU, for the longest row of the data (a pair's prompt once + both answers)
+        say(preflight_memory(cfg, self.pre.model_dir, self.pre.device, row=longest_row(data.train)))
         self.tokenizer = load_any_tokenizer(data.tokenizer_file)  # tekken.json, or an HF tokenizer.json
         self.pad_id = SpecialIds.of(self.tokenizer).pad
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)

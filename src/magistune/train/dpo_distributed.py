@@ -39,6 +39,7 @@ from magistune.train.dist_checkpoint import check_resumable, load_sharded, save_
 from magistune.train.distributed import (DistributedError, Ranks, agree, clip_grad_norm_, join, mode_notes,
                                          run_main_first)
 from magistune.train.dpo import PAIR_REFERENCE, SETUP_ERRORS, PreferenceStream
+from magistune.train.memory_estimate import longest_row, preflight_memory
 from magistune.train.metrics import MetricsLogger, Printer, QuietLogger, peak_memory_gb, plot_losses
 from magistune.train.optim import build_optimizer, build_scheduler, warmup_steps
 from magistune.train.preference_ref import load_table, model_key, save_table, table_path
@@ -143,6 +144,7 @@ class DPODistributed:
         self.tokenizer = load_any_tokenizer(data.tokenizer_file)  # tekken.json, or an HF tokenizer.json
         resolved = resolved_config(cfg, self.pre.model_dir)
         agree(ranks, resolved, data)  # every rank has the same config and samples
+        self.check_memory(data)
         self.run_config = ckpt.run_config(resolved)  # saved in every checkpoint
         self.pad_id = SpecialIds.of(self.tokenizer).pad
         self.device, self.dtype = self.pre.device, resolve_dtype(cfg, self.pre.device)
@@ -153,6 +155,18 @@ class DPODistributed:
             f"{sum(len(s) for s in data.train)} tokens ({sum(s.n_trained for s in data.train)} trained)")
         if self.kto:
             self.kl_rows = {"train": kto_kl_rows(data.train), "eval": kto_kl_rows(data.eval) if data.eval else []}
+
+    def check_memory(self, data) -> None:
+        """The memory line; every rank stops when one's GPU is too small (none waits in a collective)."""
+        cfg, ranks, error, line = self.cfg, self.ranks, None, None
+        try:
+            line = preflight_memory(cfg, self.pre.model_dir, self.pre.device, world=ranks.world,
+                                    fsdp=self.mode == "fsdp", row=longest_row(data.train))
+        except ConfigError as e:
+            error = e
+        if ranks.any(error is not None):
+            raise error or ConfigError("stopped: another rank's GPU is too small (its message says why)")
+        self.say(line)
 
     def setup_model(self) -> None:
         cfg, device = self.cfg, self.device

@@ -36,6 +36,7 @@ from magistune.tokenizer import SpecialIds, TokenizerError
 from magistune.train import checkpoint as ckpt
 from magistune.train.grpo_loss import advantages, clipped_token_loss, kl_penalty, sequence_weights, weighted_loss
 from magistune.train.launch import single_process_notes
+from magistune.train.memory_estimate import preflight_memory
 from magistune.train.metrics import MetricsLogger, Printer, read_metrics
 from magistune.train.optim import OptimizerError, build_optimizer, build_scheduler, warmup_steps
 from magistune.train.preflight import (
@@ -114,6 +115,8 @@ class GRPO:
         self.special = SpecialIds.of(self.tokenizer)
         self.data = load_prompts(cfg, self.tokenizer)
         check_prompt_data(cfg, self.data, say)
+        longest = max((len(p.ids) for p in self.data.prompts), default=None)  # the rollout's prefill and cache width
+        say(preflight_memory(cfg, self.pre.model_dir, self.pre.device, prompt=longest))  # refuses what cannot fit
         self.reward_funcs = load_reward_funcs(cfg, self.special)
         missing = [p.source for p in self.data.prompts if p.columns.get("answer") is None]
         if "boxed_math" in trl.reward_funcs and missing:

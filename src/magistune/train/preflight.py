@@ -20,6 +20,7 @@ from magistune.config import Config, ConfigError
 from magistune.model import pick_device  # preflight.pick_device: tests replace it to fake a GPU
 from magistune.paths import check_writable_dir
 from magistune.train.checkpoint import resolve_resume
+from magistune.train.memory_estimate import LONG_SEQUENCE
 from magistune.train.optim import check_optimizer
 from magistune.train.run_dir import RunLock, claim_output_dir, lock_output_dir
 
@@ -181,6 +182,12 @@ def oom_advice(cfg: Config, longest: int | None) -> str:
     if cfg.optimizer in ("adamw_torch", "adamw_torch_fused"):
         tips.append("optimizer: adamw_bnb_8bit or paged_adamw_8bit (8-bit optimizer state: 2 bytes per trained "
                     "parameter instead of 8)")
+    if cfg.rl is None and (longest or cfg.sequence_len) >= LONG_SEQUENCE:  # the activations grow with the row
+        degree = cfg.sequence_parallel_degree
+        more = (f"a larger sequence_parallel_degree than {degree}" if degree > 1
+                else "sequence_parallel_degree: 2 or more (dividing the attention heads)")
+        tips.append(f"{more} with `magistune train CONFIG --nproc N`: Ulysses context parallelism splits every row's "
+                    "tokens over the GPUs, the way past one GPU's memory for long sequences (docs/multi-gpu.md)")
     seq = f" (the longest sample here has {longest} tokens)" if longest else ""
     tips.append(f"sequence_len: lower than {cfg.sequence_len}{seq}; longer samples are then dropped or truncated "
                 "(excess_length_strategy)")
