@@ -34,7 +34,7 @@ from magistune.model import format_model_info, resolve_dtype
 from magistune.tokenizer import SpecialIds, image_encoder_of
 from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
-from magistune.train.batches import DataPosition, every, items_per_rank, steps_per_epoch, total_steps
+from magistune.train.batches import DataPosition, check_share, every, items_per_rank, steps_per_epoch, total_steps
 from magistune.train.dist_checkpoint import check_resumable, load_sharded, save_consolidated, save_sharded
 from magistune.train.distributed import (DistributedError, Ranks, agree, clip_grad_norm_, join, mode_notes,
                                          run_main_first)
@@ -153,6 +153,8 @@ class DPODistributed:
             write_resolved_config(cfg, self.pre.model_dir)
         say(f"data: {len(data.train)} train + {len(data.eval)} eval {self.unit} (rl: {cfg.rl}), "
             f"{sum(len(s) for s in data.train)} tokens ({sum(s.n_trained for s in data.train)} trained)")
+        check_share(len(data.train), ranks.world, "example" if self.kto else "pair", "processes",  # before the model
+                    f"Add training {self.unit}, lower val_set_size, or run fewer processes (--nproc)")
         if self.kto:
             self.kl_rows = {"train": kto_kl_rows(data.train), "eval": kto_kl_rows(data.eval) if data.eval else []}
 
