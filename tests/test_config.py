@@ -442,6 +442,8 @@ def test_grpo_defaults_are_magistrals_recipe(tmp_path):
     ("rl: grpo\ntrl: {num_generations: 1}\n", "trl.num_generations: Input should be greater than or equal to 2"),
     ("rl: grpo\ntrl: {reward_funcs: [a.b, c.d], reward_weights: [1]}\n", "reward_weights has 1 values for 2"),
     ("rl: grpo\ntrl: {loss_type: ppo}\n", "trl.loss_type: Input should be 'magistral', 'grpo', 'dr_grpo' or 'dapo'"),
+    ("rl: grpo\nactivation_offloading: true\n", "activation_offloading: not applied with rl: grpo (its checkpointed "
+                                                "layer inputs stay on the GPU); remove it"),
 ])
 def test_grpo_errors(tmp_path, text, needle):
     assert needle in _error(tmp_path, BASE + text)

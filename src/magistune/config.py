@@ -288,6 +288,9 @@ class Config(_Strict):
                              "disabled); a frozen copy for a full fine-tune is not implemented")
         if self.sample_packing:
             raise ValueError("sample_packing: not used with rl: grpo (rollouts are padded batches)")
+        if self.activation_offloading:
+            raise ValueError("activation_offloading: not applied with rl: grpo (its checkpointed layer inputs stay on "
+                             "the GPU); remove it")
 
     def _check_preference(self) -> None:
         """Dataset options that have no meaning for preference data, and the reference model's default."""

@@ -186,8 +186,8 @@ def test_eval_share_is_disjoint_complete_and_equal_in_count(n, world):
 
 @pytest.mark.parametrize("n,mbs,world", [(5, 2, 2), (4, 1, 2), (3, 1, 2), (1, 2, 2), (7, 2, 3), (0, 1, 2)])
 def test_preference_eval_groups_are_disjoint_complete_and_equal_in_count(n, mbs, world):
-    """dpo_distributed.eval_groups: every index counted once over the ranks, the same number of forwards on each."""
-    from magistune.train.dpo_distributed import eval_groups
+    """preference_ranks.eval_groups: every index counted once over the ranks, the same number of forwards on each."""
+    from magistune.train.preference_ranks import eval_groups
 
     shares = [eval_groups(n, mbs, SimpleNamespace(rank=r, world=world)) for r in range(world)]
     assert len({len(s) for s in shares}) == 1

@@ -3,9 +3,10 @@ import itertools
 import pytest
 import torch
 
+from magistune.config import ConfigError
 from magistune.data.sample import IGNORE_INDEX, Sample
 from magistune.train.batches import (
-    DataPosition, StepStream, collate, epoch_order, eval_batches, steps_per_epoch, total_steps,
+    DataPosition, StepStream, check_share, collate, epoch_order, eval_batches, steps_per_epoch, total_steps,
 )
 from train_helpers import make_samples
 
@@ -101,3 +102,24 @@ def test_pad_to_sequence_len_fixes_every_width():
         assert torch.equal(wide.input_ids[:, :w], short.input_ids) and (wide.input_ids[:, w:] == 7).all()
         assert torch.equal(wide.labels[:, :w], short.labels) and (wide.labels[:, w:] == IGNORE_INDEX).all()
         assert torch.equal(wide.attention_mask[:, :w], short.attention_mask) and not wide.attention_mask[:, w:].any()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_check_share_refuses_exactly_the_epochs_a_rank_would_have_no_step_of(n, world):
+    """check_share raises where a rank's StepStream of the same items could not start (its share would be empty
+    and steps_per_epoch 0, the recipes' ZeroDivisionError), and passes wherever every rank gets a step."""
+    samples = make_samples(n)
+    try:
+        streams = [StepStream(samples, 1, 1, pad_id=0, seed=0, shard=(r, world)) for r in range(world)]
+    except ValueError:
+        streams = None
+    if streams is not None:
+        check_share(n, world, "sample", "processes", "fix")
+        assert all(s.steps_per_epoch >= 1 and next(iter(s))[1] for s in streams)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_share(n, world, "row", "processes", "Add training data.", tail=" after sample packing")
+    plural = "" if n == 1 else "s"
+    assert str(e.value) == (f"{n} training row{plural} after sample packing for {world} processes: each needs at "
+                            "least one per epoch. Add training data.")

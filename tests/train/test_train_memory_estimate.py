@@ -270,7 +270,7 @@ def test_grpo_rollout_is_the_kv_cache_of_every_completion_and_the_prefill():
     assert estimate(cfg, MAGISTRAL_SMALL).rollout_shape == (rows, 4096)  # no data: prompt ≤ sequence_len − 1024
     doubled = estimate(cfg.model_copy(update={"gradient_accumulation_steps": 4}), MAGISTRAL_SMALL, prompt=512)
     assert doubled.rollout == 2 * est.rollout and doubled.activations == est.activations
-    offload = cfg.model_copy(update={"activation_offloading": True})  # accepted, but GRPO does not apply it
+    offload = cfg.model_copy(update={"activation_offloading": True})  # (the config refuses it with rl: grpo)
     assert estimate(offload, MAGISTRAL_SMALL, prompt=512).activations == est.activations
     assert "rollout" in est.line() and f"KV cache of {rows} completions × {columns:,} tokens" in est.line()
 

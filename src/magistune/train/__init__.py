@@ -28,4 +28,6 @@ Multi-GPU components (used by sft_distributed.py and dpo_distributed.py only):
     sharding.py                the model sharded (FSDP2) or replicated (DDP) around a loss root
     rank_agreement.py          the ranks' config and data fingerprints, and what differs
     dist_checkpoint.py         sharded checkpoints (DCP), the final output gathered on rank 0, `magistune consolidate`
+    preference_ranks.py        dpo_distributed's forwards through the root: losses, KTO's z₀ over the ranks, the
+                               reference table computed by every rank, the eval share
 """

@@ -24,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from magistune.config import ConfigError
 from magistune.data.sample import IGNORE_INDEX, Sample
 from magistune.train.packing import packed_row, shard_for_rank
 
@@ -269,6 +270,14 @@ class StepStream:
 def items_per_rank(n_items: int, world: int) -> int:
     """What shard_for_rank gives each rank: 10 packs on 4 ranks → 2 (the remaining 2 wait for another epoch)."""
     return n_items // world
+
+
+def check_share(n_items: int, world: int, noun: str, who: str, fix: str, tail: str = "") -> None:
+    """A ConfigError, before the model loads, when an epoch of `n_items` gives one of the `world` ranks (or
+    data-parallel groups: `who`) nothing: items_per_rank 0 would leave the run 0 steps per epoch."""
+    if items_per_rank(n_items, world) == 0:
+        raise ConfigError(f"{n_items} training {noun}{'' if n_items == 1 else 's'}{tail} for {world} {who}: each "
+                          f"needs at least one per epoch. {fix}")
 
 
 def eval_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, image_encoder=None,

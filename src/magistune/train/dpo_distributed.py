@@ -5,18 +5,13 @@ dpo.py's recipe, step for step, with what sft_distributed.py adds for N processe
 the ranks agree on config and data, the model sharded or replicated, each rank's share of every epoch, sharded
 checkpoints, the final output gathered on rank 0). What is particular to pairs:
 
-- Every forward goes through the FSDP / DDP root (sharding.LossModule around `preference_forward`), so that the
-  engines' hooks run (FSDP2 gathers embeddings, norm and lm_head in the root's pre-forward hook). An adapter run's
-  reference is the same root call with the adapters off inside it, under no_grad, before the policy's forward
-  (PEFT's disable_adapter() flips a flag on the LoRA layers; FSDP2's shards are untouched).
+- Every forward goes through the FSDP / DDP root, sharding.LossModule around preference_ranks.preference_forward
+  (an adapter run's reference: the adapters off inside that forward). preference_ranks.RankForwards computes a
+  micro-batch's losses, KTO's z₀ over every rank's examples, and the precomputed reference table (every rank runs
+  the same forwards, rank 0 writes the file); eval_groups deals the eval micro-batches.
 - The loss: Σ per-pair losses / P, P = the pairs of the step on ALL ranks (all-reduced before any backward). Each
   rank backpropagates Σ its losses × N / P and FSDP2 / DDP average the gradients over the N ranks (÷ N):
   Σ_r ∇ Σ losses_r / P, the one-process gradient of the same global batch. Metrics: sums over the ranks.
-- KTO's z₀ is the step's over every rank's examples: Σ (policy − reference) over the mismatched rows and their
-  count all-reduced, z₀ = max(0, Σ / n), as one process computes it.
-- The precomputed reference table (full fine-tune of DPO/IPO/KTO): every rank runs the same forwards over the
-  whole data through the root (FSDP2 needs all ranks in every forward); rank 0 writes the file.
-- Eval: micro-batch i goes to rank i % N; a rank left one short repeats the last batch and drops its result.
 """
 
 from __future__ import annotations
@@ -28,24 +23,21 @@ import time
 import torch
 
 from magistune.config import Config, ConfigError
-from magistune.data.build import prepare_data, resolve_tokenizer_file
-from magistune.data.cache import cache_key
+from magistune.data.build import prepare_data
 from magistune.model import format_model_info, resolve_dtype
 from magistune.tokenizer import SpecialIds, image_encoder_of
 from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
-from magistune.train.batches import DataPosition, every, items_per_rank, steps_per_epoch, total_steps
+from magistune.train.batches import DataPosition, check_share, every, items_per_rank, steps_per_epoch, total_steps
 from magistune.train.dist_checkpoint import check_resumable, load_sharded, save_consolidated, save_sharded
 from magistune.train.distributed import (DistributedError, Ranks, agree, clip_grad_norm_, join, mode_notes,
                                          run_main_first)
-from magistune.train.dpo import PAIR_REFERENCE, SETUP_ERRORS, PreferenceStream
+from magistune.train.dpo import SETUP_ERRORS, PreferenceStream
 from magistune.train.memory_estimate import longest_row, preflight_memory
 from magistune.train.metrics import MetricsLogger, Printer, QuietLogger, peak_memory_gb, plot_losses
 from magistune.train.optim import build_optimizer, build_scheduler, warmup_steps
-from magistune.train.preference_ref import load_table, model_key, save_table, table_path
-from magistune.train.preference_step import (PairLogps, PreferenceTotals, collate_kto, collate_pairs, disabled_adapters,
-                                             example_loss, kto_kl_rows, pair_logps, pair_loss, sample_logps,
-                                             shared_row_unsupported)
+from magistune.train.preference_ranks import RankForwards, eval_groups, preference_forward, summed
+from magistune.train.preference_step import PreferenceTotals, collate_kto, collate_pairs, shared_row_unsupported
 from magistune.train.preflight import (autocast_for, oom_advice, preflight, resolved_config, seed_everything,
                                        write_resolved_config)
 from magistune.train.sharding import build_parallel_model, grad_sync
@@ -78,32 +70,6 @@ def train(cfg: Config, env: dict, mode: str) -> int:
         ranks.close()
 
 
-def preference_forward(model, batch, kto: bool, cce: bool, policy: bool = True, reference: bool = False):
-    """The root's forward: (policy, reference) summed log-probs of a micro-batch, None where not asked. Pairs:
-    PairLogps; KTO rows: a (B,) tensor. The reference is the model with its adapters off, under no_grad, computed
-    first: the forward whose graph the backward follows is the engine's last."""
-    logps = sample_logps if kto else pair_logps
-    ref = out = None
-    if reference:
-        with torch.no_grad(), disabled_adapters(model):
-            ref = logps(model, batch, cce)
-        ref = ref[0] if kto else ref.detach()
-    if policy:
-        out = logps(model, batch, cce)
-        out = out[0] if kto else out
-    return out, ref
-
-
-def eval_groups(n: int, micro_batch_size: int, ranks: Ranks) -> list[tuple[list[int], bool]]:
-    """This rank's eval micro-batches as (indices, counted): batch i goes to rank i % N; a rank left one short
-    repeats the last batch, uncounted, so that every rank runs the same number of forwards."""
-    groups = [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
-    mine = [(g, True) for g in groups[ranks.rank::ranks.world]]
-    if groups and len(mine) < -(-len(groups) // ranks.world):
-        mine.append((groups[-1], False))
-    return mine
-
-
 class DPODistributed:
     """Preference tuning as one of torchrun's N processes: setup() then train(), which returns the exit code."""
 
@@ -112,7 +78,6 @@ class DPODistributed:
         self.watchdog = LossWatchdog.from_config(cfg)  # loss_watchdog_threshold: stop on a loss that stays high
         self.kto = cfg.rl == "kto"
         self.unit = "examples" if self.kto else "pairs"
-        self.needs_ref = self.kto or cfg.rl in PAIR_REFERENCE
 
     # --- setup: everything before the first step; an error here means nothing was trained ---------------------
     def release(self) -> None:
@@ -153,8 +118,8 @@ class DPODistributed:
             write_resolved_config(cfg, self.pre.model_dir)
         say(f"data: {len(data.train)} train + {len(data.eval)} eval {self.unit} (rl: {cfg.rl}), "
             f"{sum(len(s) for s in data.train)} tokens ({sum(s.n_trained for s in data.train)} trained)")
-        if self.kto:
-            self.kl_rows = {"train": kto_kl_rows(data.train), "eval": kto_kl_rows(data.eval) if data.eval else []}
+        check_share(len(data.train), ranks.world, "example" if self.kto else "pair", "processes",  # before the model
+                    f"Add training {self.unit}, lower val_set_size, or run fewer processes (--nproc)")
 
     def check_memory(self, data) -> None:
         """The memory line; every rank stops when one's GPU is too small (none waits in a collective)."""
@@ -174,10 +139,9 @@ class DPODistributed:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.pre.resume is not None:
             check_resumable(self.pre.resume, self.ranks.world, self.mode)
-        self.autocast, self.cce = autocast_for(device, self.dtype), cfg.use_cce
+        self.autocast = autocast_for(device, self.dtype)
         self.model, self.root, info = build_parallel_model(self.ranks, self.mode, cfg, self.tokenizer,
                                                            preference_forward)
-        self.logps = lambda batch, **kw: self.root(batch, kto=self.kto, cce=self.cce, **kw)  # noqa: E731
         self.model.train()
         why = None if self.kto else shared_row_unsupported(self.model)
         if why:
@@ -226,112 +190,26 @@ class DPODistributed:
         self.rng = ckpt.capture_rng()
 
     def setup_reference(self) -> None:
-        """The precomputed reference table (preference_ref.py's file), read by every rank or computed by all."""
-        cfg, data, ranks = self.cfg, self.data, self.ranks
-        self.table = None
-        if not cfg.precompute_ref_log_probs:
-            return
-        data_key = cache_key(cfg, resolve_tokenizer_file(cfg))
-        mkey = model_key(self.pre.model_dir, cfg, self.dtype)
-        path, counts = table_path(cfg.prepared_dir, data_key, mkey), {"train": len(data.train), "eval": len(data.eval)}
-        table = load_table(path, counts)
-        if not ranks.any(table is None):
-            self.say(f"reference log-probs: reused {path}")
-            self.table = table
-            return
-        if self.pre.resume is not None and cfg.adapter is None:
-            raise ckpt.CheckpointError(f"{path}: the precomputed reference log-probs are gone, and a resumed full "
-                                       "fine-tune can no longer compute them; start again from step 0 in a new output_dir")
-        self.say(f"reference log-probs: one pass over {sum(counts.values())} {self.unit} on every rank before step 1 …")
-        table = {}
-        for name, samples in (("train", data.train), ("eval", data.eval)):
-            if samples:
-                table.update({f"{name}.{k}": v for k, v in self.reference_split(samples).items()})
-        if ranks.is_main:
-            save_table(path, table, counts, {"data_key": data_key, "model_key": mkey})
-            self.say(f"reference log-probs: saved {path}")
-        ranks.barrier()
-        self.table = table
+        """The forwards of the steps and evals, with the reference table where the config asks for one."""
+        self.forwards = RankForwards(self.cfg, self.ranks, self.model, self.root, self.data, self.pad_id,
+                                     self.image_encoder, self.device, self.autocast)
+        self.forwards.load_reference(self.pre.model_dir, self.dtype, self.pre.resume is not None, self.say)
 
-    @torch.no_grad()
-    def reference_split(self, samples: list) -> dict[str, torch.Tensor]:
-        """preference_ref.compute_split through the root: the same micro-batches on every rank, fp32 on the CPU."""
-        mbs, adapter = self.cfg.micro_batch_size, self.cfg.adapter is not None
-        parts = (("logps", samples), ("kl", kto_kl_rows(samples))) if self.kto else (("pairs", samples),)
-        out: dict[str, list[torch.Tensor]] = {}
-        self.model.eval()
-        try:
-            for name, rows in parts:
-                for i in range(0, len(rows), mbs):
-                    batch = (collate_kto if self.kto else collate_pairs)(rows[i:i + mbs], self.pad_id, self.image_encoder)
-                    with self.autocast():
-                        policy, ref = self.logps(batch.to(self.device), policy=not adapter, reference=adapter)
-                    lp = ref if adapter else policy
-                    if self.kto:
-                        out.setdefault(name, []).append(lp.float().cpu())
-                    else:
-                        out.setdefault("chosen", []).append(lp.chosen.float().cpu())
-                        out.setdefault("rejected", []).append(lp.rejected.float().cpu())
-        finally:
-            self.model.train()
-        return {k: torch.cat(v) for k, v in out.items()}
-
-    # --- the forward of a micro-batch -------------------------------------------------------------------------------
-    def micro_loss(self, split: str, idx: list[int], batch, kl: torch.Tensor | None):
-        """The per-pair (KTO: per-example) losses of one micro-batch, with the reference where the loss has one."""
-        rows = torch.tensor(idx, dtype=torch.long)
-        policy, ref = self.logps(batch, reference=self.needs_ref and self.table is None)
-        device = policy.device if self.kto else policy.chosen.device
-        if self.kto:
-            if self.table is not None:
-                ref = self.table[f"{split}.logps"][rows].to(device)
-            samples = self.data.train if split == "train" else self.data.eval
-            desirable = torch.tensor([samples[i].label for i in idx], device=device)
-            return example_loss(self.cfg, policy, ref, desirable, kl)
-        if self.needs_ref and self.table is not None:
-            ref = PairLogps(self.table[f"{split}.chosen"][rows].to(device),
-                            self.table[f"{split}.rejected"][rows].to(device), None, None)
-        return pair_loss(self.cfg, policy, ref)
-
-    @torch.no_grad()
-    def step_kl(self, split: str, groups: list[tuple[list[int], bool]]) -> torch.Tensor | None:
-        """KTO's z₀ over every rank's examples (their mismatched rows): Σ (policy − reference) and the row count
-        all-reduced, z₀ = max(0, Σ / n), detached. `groups`: this rank's (indices, counted) micro-batches."""
-        if not self.kto:
-            return None
-        total, n = 0.0, 0
-        for idx, counted in groups:
-            batch = collate_kto([self.kl_rows[split][i] for i in idx], self.pad_id, self.image_encoder).to(self.device)
-            with self.autocast():
-                policy, ref = self.logps(batch, reference=self.table is None)
-            if self.table is not None:
-                ref = self.table[f"{split}.kl"][torch.tensor(idx, dtype=torch.long)].to(policy.device)
-            if counted:
-                total, n = total + float((policy.float() - ref.float()).double().sum()), n + len(idx)
-        total, n = self.ranks.sum([total, float(n)])
-        return torch.tensor(max(total / n, 0.0), dtype=torch.float32, device=self.device)
-
-    def summed(self, totals: PreferenceTotals) -> PreferenceTotals:
-        """`totals` summed over the ranks (its seconds are this rank's)."""
-        keys = [k for k in totals.to_dict() if k != "seconds"]
-        values = self.ranks.sum([float(getattr(totals, k)) for k in keys])
-        return PreferenceTotals(**{k: type(getattr(totals, k))(v) for k, v in zip(keys, values)},
-                                seconds=totals.seconds)
-
+    # --- the forward and backward of a step -------------------------------------------------------------------------
     def forward_backward(self, micro: list) -> PreferenceTotals:
         """Σ_micro-batches ∇(Σ losses × N / pairs of the step on all ranks); the step's totals over all ranks."""
         totals = PreferenceTotals()
         n_all = self.ranks.sum([float(sum(len(idx) for idx, _ in micro))])[0]  # counted first, on every rank
         scale = self.ranks.world / n_all
-        kl = self.step_kl("train", [(idx, True) for idx, _ in micro])
+        kl = self.forwards.step_kl("train", [(idx, True) for idx, _ in micro])
         for i, (idx, batch) in enumerate(micro):
             batch = batch.to(self.device)
             with self.grad_sync(i == len(micro) - 1):
                 with self.autocast():
-                    out = self.micro_loss("train", idx, batch, kl)
+                    out = self.forwards.micro_loss("train", idx, batch, kl)
                 (out.losses.sum() * scale).backward()
             totals.add(out, batch.n_tokens)
-        return self.summed(totals)
+        return summed(self.ranks, totals)
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def train(self) -> int:
@@ -412,16 +290,16 @@ class DPODistributed:
         collate = collate_kto if self.kto else collate_pairs
         self.model.eval()
         try:
-            kl = self.step_kl("eval", groups)
+            kl = self.forwards.step_kl("eval", groups)
             for idx, counted in groups:
                 batch = collate([data[j] for j in idx], self.pad_id, self.image_encoder).to(self.device)
                 with self.autocast():
-                    out = self.micro_loss("eval", idx, batch, kl)
+                    out = self.forwards.micro_loss("eval", idx, batch, kl)
                 if counted:
                     totals.add(out, batch.n_tokens)
         finally:
             self.model.train()
-        return self.summed(totals)
+        return summed(self.ranks, totals)
 
     def run_eval(self) -> None:
         self.log.log_eval_values(self.step, **self.evaluate().stats())
@@ -470,4 +348,4 @@ class DPODistributed:
         return 0
 
 
-__all__ = ["DPODistributed", "eval_groups", "preference_forward", "train"]
+__all__ = ["DPODistributed", "train"]

@@ -207,7 +207,7 @@ def activation_bytes(cfg: Config, s: dict, tokens: int, row: int) -> float:
     loss = 0 if cfg.use_cce else min(tokens, LOGIT_CHUNK) * s["V"] * 10
     if not cfg.gradient_checkpointing:
         return L * layer + loss + mask
-    offloaded = cfg.activation_offloading and cfg.rl is None  # the preference and GRPO recipes keep them
+    offloaded = cfg.activation_offloading and cfg.rl is None  # config refuses it with rl: (preference and GRPO)
     checkpoints = 0 if offloaded else tokens * L * 2 * h
     return checkpoints + mask + max(layer, loss)
 
@@ -228,7 +228,7 @@ def options(cfg: Config) -> list[tuple[str, dict]]:
     """The single-GPU options that lower the estimate, cheapest in speed first, that this recipe can use."""
     tries = [("cut_cross_entropy: true", {"cut_cross_entropy": True})] if cce_installed() else []
     tries.append(("gradient_checkpointing: true", {"gradient_checkpointing": True}))
-    if cfg.rl is None:  # the preference recipes refuse it, GRPO does not apply it
+    if cfg.rl is None:  # the preference and GRPO recipes refuse it
         tries.append(("activation_offloading: true", {"activation_offloading": True, "gradient_checkpointing": True}))
     return tries + [("tiled_mlp: true", {"tiled_mlp": True})]
 

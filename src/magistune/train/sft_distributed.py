@@ -30,7 +30,7 @@ from magistune.model.load import check_model_dir
 from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of
 from magistune.train import checkpoint as ckpt
 from magistune.train.batches import (
-    DataPosition, StepStream, eval_batches, every, items_per_rank, steps_per_epoch, total_steps,
+    DataPosition, StepStream, check_share, eval_batches, every, items_per_rank, steps_per_epoch, total_steps,
 )
 from magistune.train.dist_checkpoint import check_resumable, load_sharded, save_consolidated, save_sharded
 from magistune.train.distributed import (
@@ -139,6 +139,19 @@ class SFTDistributed:
         if self.packed:
             say(f"packing: {self.packed.describe()}")
         self.n_items = len(self.packed.packs) if self.packed else len(data.train)  # what an epoch shuffles
+        self.check_share()
+
+    def check_share(self) -> None:
+        """Every rank (or sequence-parallel group) needs one row of each epoch: a ConfigError before the model loads."""
+        who = (f"data-parallel groups ({self.ranks.world} processes / sequence_parallel_degree {self.copies})"
+               if self.sp else "processes")
+        if self.packed:
+            check_share(self.n_items, self.dp_world, "row", who,
+                        "Add training data, run fewer processes (--nproc), or set sample_packing: false or a shorter "
+                        "sequence_len (fewer samples per packed row)", tail=" after sample packing")
+        else:
+            check_share(self.n_items, self.dp_world, "sample", who,
+                        "Add training data, lower val_set_size, or run fewer processes (--nproc)")
 
     def setup_sequence_parallel(self) -> None:
         degree, world = self.cfg.sequence_parallel_degree, self.ranks.world

@@ -49,7 +49,7 @@ from magistune.train.preflight import seed_everything
 
 class LossModule(nn.Module):
     """The FSDP2 / DDP root: forward(batch, ...) = loss_fn(model, batch, ...) (the preference recipe passes what
-    its forward should compute: dpo_distributed.preference_forward).
+    its forward should compute: preference_ranks.preference_forward).
 
     Both engines do their work in module hooks: FSDP2 gathers the root's own parameters (embed_tokens, the final
     norm, lm_head, a frozen vision tower) in its pre-forward hook and DDP prepares its gradient buckets in forward.
