@@ -8,8 +8,9 @@
     rank 4  export, train
     rank 5  infer             (may use train's loss and batches)
             inspection        (`magistune inspect`: data, tokenizer, train's packing)
-    rank 6  cli
-    rank 7  __main__
+    rank 6  cli_parser        (the command line's arguments)
+    rank 7  cli               (runs the sub-commands)
+    rank 8  __main__
 
 A top-level module or package imports itself and strictly lower ranks only: data and model never import each
 other, export and train neither. Inside a package no two modules import each other, directly or through others.
@@ -30,8 +31,9 @@ LAYERS = {
     "data": 3, "model": 3,
     "export": 4, "train": 4,
     "infer": 5, "inspection": 5,
-    "cli": 6,
-    "__main__": 7,
+    "cli_parser": 6,
+    "cli": 7,
+    "__main__": 8,
 }
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trips, atomic saves (a crash mid-save keeps the last good one), rotation, resolve."""
+"""Checkpoints (checkpoint.py, and checkpoint_load.py in the round trips): exact round trips, atomic saves (a
+crash mid-save keeps the last good one), rotation, resolve."""
 
 import json
 import random
@@ -13,6 +14,7 @@ from magistune.config import Config, parse_config
 from magistune.model import build_model
 from magistune.model.adapt import apply_lora, save_trained
 from magistune.train import checkpoint as ckpt
+from magistune.train import checkpoint_load as ckpt_load
 from magistune.train.batches import collate
 from magistune.train.loss import forward_backward
 from magistune.train.optim import build_optimizer, build_scheduler
@@ -70,7 +72,7 @@ def test_round_trip_is_exact(tmp_path, adapter):
         model2 = MistralForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
         opt2 = build_optimizer(model2, c, torch.device("cpu"))
         sched2 = build_scheduler(opt2, "cosine", 1, 10)
-    state = ckpt.load_checkpoint(path, model2, opt2, sched2)
+    state = ckpt_load.load_checkpoint(path, model2, opt2, sched2)
     assert state["step"] == 3
     train_steps(model2, opt2, sched2, 2, seed=10)
     got = trained(model2)
@@ -158,7 +160,7 @@ def test_adapter_checkpoint_into_a_full_run_is_refused(tmp_path):
     model, opt, sched = setup(lora_cfg)
     path = save(lora_cfg, 1, model, opt, sched)
     with pytest.raises(ckpt.CheckpointError, match="trains the full model"):
-        ckpt.load_weights(make_lm(), path)
+        ckpt_load.load_weights(make_lm(), path)
 
 
 def test_full_vision_checkpoint_resumes_through_from_pretrained(tmp_path):
@@ -176,10 +178,10 @@ def test_full_vision_checkpoint_resumes_through_from_pretrained(tmp_path):
                          {"step": 1}, ckpt.capture_rng())
 
     resume, _ = ckpt.resolve_resume(c)
-    model2, _, _ = build_model(ckpt.full_model_source(c, resume), cpu)
+    model2, _, _ = build_model(ckpt_load.full_model_source(c, resume), cpu)
     opt2 = build_optimizer(model2, c, cpu)
     sched2 = build_scheduler(opt2, "constant", 0, 10)
-    ckpt.load_checkpoint(resume, model2, opt2, sched2)
+    ckpt_load.load_checkpoint(resume, model2, opt2, sched2)
     theirs = dict(model2.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(theirs[name], p), name
@@ -194,7 +196,7 @@ def test_full_vision_checkpoint_resumes_through_from_pretrained(tmp_path):
         lora_model, _, _ = build_model(lora, cpu)
         lora_path = ckpt.save_checkpoint(tmp_path / "lora", 1, lambda d: save_trained(lora_model, d, lora), opt, sched,
                                          {"step": 1}, ckpt.capture_rng())
-        ckpt.full_model_source(c, lora_path)
+        ckpt_load.full_model_source(c, lora_path)
 
 
 # --- no code from checkpoints (issue 12, item 1) ----------------------------------------------------------
@@ -223,7 +225,7 @@ def test_rng_state_is_json_and_nothing_is_unpickled(tmp_path, monkeypatch):
         return real_load(*a, **kw)
 
     monkeypatch.setattr(torch, "load", safe_only)
-    ckpt.load_checkpoint(path, model, opt, sched)
+    ckpt_load.load_checkpoint(path, model, opt, sched)
 
 
 def test_pickled_rng_state_of_an_old_checkpoint_is_refused_unloaded(tmp_path):
@@ -234,7 +236,7 @@ def test_pickled_rng_state_of_an_old_checkpoint_is_refused_unloaded(tmp_path):
     target = tmp_path / "pwned.txt"
     torch.save({"python": _Payload(target)}, path / "rng_state.pt")
     with pytest.raises(ckpt.CheckpointError, match="rng_state.pt: a pickled RNG state"):
-        ckpt.load_checkpoint(path, model, opt, sched)
+        ckpt_load.load_checkpoint(path, model, opt, sched)
     assert not target.exists()
 
 

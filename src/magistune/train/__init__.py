@@ -12,8 +12,9 @@ Components:
     batches.py, packing.py     the data position, micro-batches, steps per epoch, each rank's share, packed rows
     loss.py, offload.py        the token-normalised loss, forward/backward of a step, eval; activation offloading
     optim.py                   optimizers and learning-rate schedules
-    checkpoint.py              one-process checkpoints: atomic save (start, commit), checksums, rotation, resume,
-                               disk space; rng.py: the RNG states as JSON (no pickle anywhere in a checkpoint)
+    checkpoint.py              one-process checkpoints: atomic save (start, commit), checksums, rotation, which to
+                               resume, disk space; rng.py: the RNG states as JSON (no pickle anywhere in a checkpoint)
+    checkpoint_load.py         resuming one: adapter (or a full model's source), optimizer, scheduler, RNG
     run_dir.py                 output_dir belongs to one run: its lock, an earlier run refused or replaced
     metrics.py                 metrics.jsonl, TensorBoard, loss.png, the progress bar, what each rank prints
     stopping.py                stop signals at step boundaries, non-finite losses, out-of-memory messages

@@ -44,7 +44,8 @@ from magistune.hf_tokenizer import copy_tokenizer_files
 from magistune.model.adapt import keep_declared_dtype
 from magistune.model_files.system_prompt import resolve_system_prompt, write_prompt_file
 from magistune.train import checkpoint as ckpt
-from magistune.train.checkpoint import DCP_DIR, MARKER, PREFIX, CheckpointError, is_sharded, parallel_info
+from magistune.train.checkpoint import DCP_DIR, MARKER, PREFIX, CheckpointError
+from magistune.train.checkpoint_load import is_sharded, parallel_info
 from magistune.train.distributed import Ranks
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

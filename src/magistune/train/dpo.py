@@ -32,6 +32,7 @@ from magistune.model import build_model, format_model_info, resolve_dtype, save_
 from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of
 from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
+from magistune.train import checkpoint_load as ckpt_load
 from magistune.train.batches import DataPosition, StepStream, every, steps_per_epoch, total_steps
 from magistune.train.launch import single_process_notes
 from magistune.train.memory_estimate import longest_row, preflight_memory
@@ -129,8 +130,8 @@ class DPO:
         if cfg.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.pre.resume is not None:
-            ckpt.check_not_sharded(self.pre.resume)
-        source = ckpt.full_model_source(cfg, self.pre.resume)
+            ckpt_load.check_not_sharded(self.pre.resume)
+        source = ckpt_load.full_model_source(cfg, self.pre.resume)
         self.autocast, self.cce = autocast_for(device, self.dtype), cfg.use_cce
         self.model, info, _ = build_model(source, device, tokenizer=self.tokenizer)
         self.model.train()
@@ -163,7 +164,7 @@ class DPO:
         state = {"step": 0, "position": DataPosition().to_dict(), "losses": [], "window": PreferenceTotals().to_dict()}
         resume, n_train = self.pre.resume, len(self.data.train)
         if resume is not None:
-            state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)  # RNG restored last
+            state = ckpt_load.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)  # RNG restored last
             if state.get("n_train_samples") != n_train or state.get("rl") != self.cfg.rl:
                 raise ckpt.CheckpointError(
                     f"{resume} was trained with rl: {state.get('rl')} on {state.get('n_train_samples')} {self.unit}, "

@@ -34,6 +34,7 @@ from magistune.data.prompts import check_prompt_data, load_prompt_tokenizer, loa
 from magistune.model import build_model, format_model_info, resolve_dtype, save_trained
 from magistune.tokenizer import SpecialIds, TokenizerError
 from magistune.train import checkpoint as ckpt
+from magistune.train import checkpoint_load as ckpt_load
 from magistune.train.grpo_loss import advantages, clipped_token_loss, kl_penalty, sequence_weights, weighted_loss
 from magistune.train.launch import single_process_notes
 from magistune.train.memory_estimate import preflight_memory
@@ -134,8 +135,8 @@ class GRPO:
         if cfg.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.pre.resume is not None:
-            ckpt.check_not_sharded(self.pre.resume)
-        source = ckpt.full_model_source(cfg, self.pre.resume)
+            ckpt_load.check_not_sharded(self.pre.resume)
+        source = ckpt_load.full_model_source(cfg, self.pre.resume)
         self.autocast = autocast_for(device, self.dtype)
         self.model, info, _ = build_model(source, device, tokenizer=self.tokenizer)
         self.model.train()
@@ -161,7 +162,7 @@ class GRPO:
         state = {"step": 0, "window": [], "rollouts": None}
         resume, n = self.pre.resume, len(self.data.prompts)
         if resume is not None:
-            state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
+            state = ckpt_load.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
             if state.get("n_prompts") != n:
                 raise ckpt.CheckpointError(f"{resume} was trained on {state.get('n_prompts')} prompts, the data now "
                                            f"has {n}: the data position cannot be restored. Start a new output_dir")

@@ -27,6 +27,7 @@ from magistune.model import build_model, format_model_info, resolve_dtype, save_
 from magistune.tokenizer import SpecialIds, TokenizerError, image_encoder_of
 from magistune.hf_tokenizer import load_any_tokenizer
 from magistune.train import checkpoint as ckpt
+from magistune.train import checkpoint_load as ckpt_load
 from magistune.train.batches import DataPosition, StepStream, eval_batches, every, steps_per_epoch, total_steps
 from magistune.train.launch import single_process_notes
 from magistune.train.memory_estimate import preflight_memory
@@ -113,8 +114,8 @@ class SFT:
         if cfg.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.pre.resume is not None:
-            ckpt.check_not_sharded(self.pre.resume)  # written by several processes: says how to use it
-        source = ckpt.full_model_source(cfg, self.pre.resume)  # a full fine-tune resumes from its checkpoint's weights
+            ckpt_load.check_not_sharded(self.pre.resume)  # written by several processes: says how to use it
+        source = ckpt_load.full_model_source(cfg, self.pre.resume)  # a full fine-tune resumes from its checkpoint's weights
         self.loss_fn, self.autocast = loss_fn_for(cfg), autocast_for(device, self.dtype)
         self.model, info, _ = build_model(source, device, tokenizer=self.tokenizer)  # load (4-bit?), LoRA or full
         self.model.train()  # from_pretrained returns eval mode: dropout off
@@ -147,7 +148,7 @@ class SFT:
         state = {"step": 0, "position": DataPosition().to_dict(), "losses": [], "window": Window().to_dict()}
         resume, n_train = self.pre.resume, len(self.data.train)
         if resume is not None:
-            state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)  # RNG restored last
+            state = ckpt_load.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)  # RNG restored last
             if state.get("n_train_samples") != n_train:
                 raise ckpt.CheckpointError(
                     f"{resume} was trained on {state.get('n_train_samples')} samples, the data now has {n_train}: "
