@@ -1,6 +1,6 @@
 """The layering of src/magistune, read from the source (every import statement, function-level ones included):
 
-    rank 0  __init__ (the version), config_compat, config_sections, tokenizer
+    rank 0  __init__ (the version), config_compat, config_sections, config_checks, tokenizer
     rank 1  config, hf_tokenizer   (Hugging Face tokenizers beside tokenizer's mistral-common ones)
     rank 2  model_files       where a base_model is and the files in it (tiny, local, HF cache, native layout)
             tokenizer_edit    the run's tokenizer file: the config's token edits applied
@@ -24,7 +24,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "magistune"
 
 LAYERS = {
-    "__init__": 0, "config_compat": 0, "config_sections": 0, "tokenizer": 0,
+    "__init__": 0, "config_compat": 0, "config_sections": 0, "config_checks": 0, "tokenizer": 0,
     "config": 1, "hf_tokenizer": 1,
     "paths": 2, "tokenizer_edit": 2,
     "model_files": 2,

@@ -18,10 +18,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from magistune.config_compat import (
     ACCEPTED_NOOP_KEYS, AXOLOTL_DEFAULT_VALUES, UNSUPPORTED_AXOLOTL_KEYS, axolotl_default_value, normalise_axolotl_fsdp,
 )
+from magistune.config_checks import (  # noqa: F401 (REFERENCE_LOSSES: re-exported)
+    REFERENCE_LOSSES, check_base_fp8, check_fsdp, check_grpo, check_lora_kernels, check_preference,
+)
 from magistune.config_sections import DatasetConfig, TRLConfig, _Strict
-
-
-REFERENCE_LOSSES = ("dpo", "ipo", "kto")  # the rl losses that compare with a frozen reference model
 
 
 class ConfigError(ValueError):
@@ -223,17 +223,7 @@ class Config(_Strict):
             raise ValueError("set system_prompt or system_prompt_file, not both")
         if self.unfrozen_parameters and self.adapter:
             raise ValueError("unfrozen_parameters limits a full fine-tune; remove it or remove adapter")
-        if self.fsdp and self.ddp:
-            raise ValueError("set fsdp (shard the model over the GPUs) or ddp (a copy on each GPU), not both")
-        if self.fsdp_cpu_offload and not self.fsdp:
-            raise ValueError("fsdp_cpu_offload offloads FSDP's shards; it needs fsdp: true")
-        if self.fsdp and self.optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
-            raise ValueError(f"optimizer: {self.optimizer} cannot update FSDP's sharded (DTensor) parameters; use "
-                             "adamw_torch or adamw_torch_fused (the AdamW state is sharded over the GPUs as well), "
-                             "or ddp: true")
-        if self.fsdp and (self.train_vision_tower or self.train_projector):
-            raise ValueError("fsdp cannot train the vision tower or projector (a micro-batch without images leaves "
-                             "them without gradients on that GPU); use ddp: true, or train the language model only")
+        check_fsdp(self)
         if self.resume_from_checkpoint == "":
             self.resume_from_checkpoint = None
         if self.activation_offloading and not self.gradient_checkpointing:
@@ -244,79 +234,13 @@ class Config(_Strict):
         if self.sequence_parallel_degree > 1 and self.rl is not None:
             raise ValueError(f"sequence_parallel_degree: not implemented with rl: {self.rl} (supervised "
                              "fine-tuning only)")
-        self._check_preference()
-        self._check_grpo()
-        if self.base_fp8 and not self.adapter:
-            raise ValueError("base_fp8 multiplies the frozen base weights in FP8 and gives them no gradient; "
-                             "it needs adapter: lora or qlora")
-        if self.base_fp8 and self.fsdp:
-            raise ValueError("base_fp8 is not wired into the FSDP2 model build yet; drop it, or use ddp: true")
-        if self.base_fp8 and self.rl == "grpo":
-            raise ValueError("base_fp8 is not wired into GRPO's rollouts (CUDA-graph decoding) yet; "
-                             "drop it for rl: grpo")
-        self._check_lora_kernels()
+        check_preference(self)
+        if self.rl == "grpo" and self.trl is None:
+            self.trl = TRLConfig()  # rl: grpo with every default
+        check_grpo(self)
+        check_base_fp8(self)
+        check_lora_kernels(self)
         return self
-
-    def _check_lora_kernels(self) -> None:
-        keys = [k for k in ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel") if getattr(self, k)]
-        if not keys:
-            return
-        if not self.adapter:
-            raise ValueError(f"{keys[0]}: the fused LoRA kernels need adapter: lora or qlora")
-        if self.peft_use_dora:
-            raise ValueError(f"{keys[0]}: the fused LoRA kernels compute plain LoRA, not DoRA; "
-                             "set peft_use_dora: false or the kernel keys to false")
-
-    def _check_grpo(self) -> None:
-        """rl: grpo trains on its own completions: the SFT label options mean nothing, and `trl:` belongs to it."""
-        if self.rl != "grpo":
-            if self.trl is not None:
-                raise ValueError("trl: holds GRPO's settings; set rl: grpo (or remove trl)")
-            return
-        if self.trl is None:
-            self.trl = TRLConfig()
-        for i, ds in enumerate(self.datasets):
-            if ds.type != "chat_template":
-                raise ValueError(f"datasets[{i}].type: {ds.type}: rl: grpo reads TRL's prompt records "
-                                 "({\"prompt\": [messages], ...columns}) with type: chat_template")
-            for key, default in (("train_on", "all_assistant"), ("train_thinking", True), ("train_on_inputs", False)):
-                if getattr(ds, key) != default:
-                    raise ValueError(f"datasets[{i}].{key}: not used with rl: grpo (the model's own completions "
-                                     "are trained)")
-        if self.trl.beta > 0 and self.adapter is None:
-            raise ValueError("trl.beta > 0 needs adapter: lora or qlora (the reference is the model with its adapters "
-                             "disabled); a frozen copy for a full fine-tune is not implemented")
-        if self.sample_packing:
-            raise ValueError("sample_packing: not used with rl: grpo (rollouts are padded batches)")
-        if self.activation_offloading:
-            raise ValueError("activation_offloading: not applied with rl: grpo (its checkpointed layer inputs stay on "
-                             "the GPU); remove it")
-
-    def _check_preference(self) -> None:
-        """Dataset options that have no meaning for preference data, and the reference model's default."""
-        if self.rl is None or self.rl == "grpo":
-            return
-        for i, ds in enumerate(self.datasets):
-            if ds.type != "chat_template":
-                raise ValueError(f"datasets[{i}].type: {ds.type} is the SFT messages format; with rl: {self.rl} use "
-                                 "type: chat_template (TRL's conversational preference records)")
-            for key, default in (("train_on", "all_assistant"), ("train_thinking", True), ("train_on_inputs", False),
-                                 ("roles_to_train", ["assistant"]), ("train_on_eos", "turn"),
-                                 ("message_field_training", None)):
-                if getattr(ds, key) != default:
-                    raise ValueError(f"datasets[{i}].{key}: not used with rl: {self.rl} (the labels cover the final "
-                                     "answer whole: its thinking, text, tool calls and </s>)")
-        for key in ("sample_packing", "activation_offloading"):
-            if getattr(self, key):
-                raise ValueError(f"{key}: not supported with rl yet (each preference pair is one row of its own)")
-        needs_ref = self.rl in REFERENCE_LOSSES
-        if self.precompute_ref_log_probs is None:
-            self.precompute_ref_log_probs = needs_ref and self.adapter is None
-        elif self.precompute_ref_log_probs and not needs_ref:
-            raise ValueError(f"precompute_ref_log_probs: rl: {self.rl} uses no reference model")
-        elif needs_ref and self.adapter is None and not self.precompute_ref_log_probs:
-            raise ValueError(f"precompute_ref_log_probs: false, but a full fine-tune with rl: {self.rl} has no other "
-                             "reference (no second copy of the model is kept): leave it unset or true")
 
     # --- derived values ------------------------------------------------------------------------
     def resolve(self, path: str | None) -> Path | None:
