@@ -216,6 +216,15 @@ def step(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_step(plain_step, fused_step):
+    """(loss, grads) of PEFT's layers and of the kernels: the same loss and every LoRA gradient (fp32 bounds)."""
+    (loss_a, grads_a), (loss_b, grads_b) = plain_step, fused_step
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def packed_batch():
     g = torch.Generator().manual_seed(1)
 
@@ -237,16 +246,14 @@ def test_tiny_model_with_kernels_equals_peft(make_cfg, tok, extra, monkeypatch):
         assert isinstance(layer.self_attn, LoRAFusedAttention) and layer.self_attn.fuse_qkv and layer.self_attn.fuse_o
         assert isinstance(layer.mlp, SwiGLUMLP) and layer.mlp.fuse_gate_up and layer.mlp.fuse_down
     batch = packed_batch()
-    loss_a, grads_a = step(plain, batch)
+    plain_step = step(plain, batch)
     calls, apply = [], lora_kernels.LoRAGroupFunction.apply
     monkeypatch.setattr(lora_kernels.LoRAGroupFunction, "apply", lambda *a: calls.append(1) or apply(*a))
-    loss_b, grads_b = step(fused, batch)
+    fused_step = step(fused, batch)
     shards = extra.get("tiled_mlp_num_shards", 1)  # 2 layers × ((q,k,v) + o + shards × ((gate,up) + down)) …
     assert len(calls) == 16 if shards == 1 else len(calls) >= 2 * (2 + 2 * shards)  # … and again in recompute
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * 2
-    for n in grads_a:
-        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert len(plain_step[1]) == 2 * 7 * 2
+    assert_same_step(plain_step, fused_step)
 
 
 def test_partial_groups_fall_back_with_a_note(make_cfg, tok):
@@ -259,10 +266,7 @@ def test_partial_groups_fall_back_with_a_note(make_cfg, tok):
     assert not layer.self_attn.fuse_qkv and layer.self_attn.fuse_o
     assert not layer.mlp.fuse_gate_up and layer.mlp.fuse_down
     batch = packed_batch()
-    (loss_a, grads_a), (loss_b, grads_b) = step(plain, batch), step(fused, batch)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
-    for n in grads_a:
-        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_same_step(step(plain, batch), step(fused, batch))
 
 
 def test_disabled_and_merged_adapters_take_peft_path(make_cfg, tok):
@@ -290,10 +294,7 @@ def test_mistral3_language_model_is_fused_and_the_vision_tower_is_not(make_cfg, 
     assert "LoRA kernels: fused q,k,v in 2/2, o in 2/2, gate,up in 2/2, down in 2/2 decoder layers" in notes
     assert not any(isinstance(m, LoRAFusedAttention) for m in fused.get_base_model().model.vision_tower.modules())
     batch = packed_batch()
-    (loss_a, grads_a), (loss_b, grads_b) = step(plain, batch), step(fused, batch)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
-    for n in grads_a:
-        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_same_step(step(plain, batch), step(fused, batch))
 
 
 def test_generation_with_the_kv_cache_is_unchanged(make_cfg, tok):
